@@ -1,0 +1,152 @@
+"""Package-wide settings (``stfm.settings``).
+
+Importing this module never imports torch: the device is resolved lazily when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Settings", "settings"]
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_flag(*names: str) -> bool:
+    return any(os.environ.get(n, "").strip().lower() in _TRUE for n in names)
+
+
+def _default_cache_dir() -> Path:
+    if env := os.environ.get("STFM_CACHE_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "stfm"
+
+
+class Settings:
+    """Defaults used by every stfm function whose matching argument is ``None``.
+
+    Attributes are read from the environment when first created:
+
+    ``STFM_DATA_DIR``
+        local mirror of public data sets (same layout as the public source), see :attr:`data_dir`.
+    ``STFM_CACHE_DIR``
+        download and feature cache (default ``~/.cache/stfm``).
+    ``HF_HUB_OFFLINE`` / ``STFM_OFFLINE``
+        never touch the network, see :attr:`offline`.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Restore every setting to its default (re-reading the environment)."""
+        self._device: str = os.environ.get("STFM_DEVICE", "auto")
+        self.amp: bool | None = None
+        self.autocast_dtype: str = "bfloat16"
+        self._batch_size: int = 64
+        self._num_workers: int | None = None
+        self.show_progress_bar: bool = True
+        self._cache_dir: Path = _default_cache_dir()
+        data_dir = os.environ.get("STFM_DATA_DIR")
+        self._data_dir: Path | None = Path(data_dir).expanduser() if data_dir else None
+        self.offline: bool = _env_flag("HF_HUB_OFFLINE", "STFM_OFFLINE")
+        self.verbosity: str = os.environ.get("STFM_VERBOSITY", "warning")
+
+    # -- device -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """Torch device used for inference and training: ``'auto'`` picks CUDA, then MPS, then CPU."""
+        return self._device
+
+    @device.setter
+    def device(self, value: str) -> None:
+        self._device = str(value)
+
+    def resolve_device(self, device: Any = None) -> Any:
+        """Return a :class:`torch.device` for ``device`` (``None`` → :attr:`device`)."""
+        import torch
+
+        dev = self._device if device is None else device
+        if isinstance(dev, torch.device):
+            return dev
+        if dev == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                return torch.device("mps")
+            return torch.device("cpu")
+        return torch.device(dev)
+
+    # -- batching ---------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Default inference batch size."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if int(value) < 1:
+            msg = f"Expected `batch_size` to be a positive integer, found {value!r}."
+            raise ValueError(msg)
+        self._batch_size = int(value)
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader worker processes for tile reading (default: one per spare core, at most 4)."""
+        if self._num_workers is not None:
+            return self._num_workers
+        return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+    @num_workers.setter
+    def num_workers(self, value: int | None) -> None:
+        if value is not None and int(value) < 0:
+            msg = f"Expected `num_workers` to be >= 0, found {value!r}."
+            raise ValueError(msg)
+        self._num_workers = None if value is None else int(value)
+
+    # -- paths ------------------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        """Where downloads and cached features are stored."""
+        return self._cache_dir
+
+    @cache_dir.setter
+    def cache_dir(self, value: str | os.PathLike[str]) -> None:
+        self._cache_dir = Path(value).expanduser()
+
+    @property
+    def data_dir(self) -> Path | None:
+        """Local mirror of public data sets (``STFM_DATA_DIR``); read before any download."""
+        return self._data_dir
+
+    @data_dir.setter
+    def data_dir(self, value: str | os.PathLike[str] | None) -> None:
+        self._data_dir = None if value is None else Path(value).expanduser()
+
+    # -- logging ----------------------------------------------------------------------------------
+    @property
+    def verbosity(self) -> str:
+        """Log level of the ``stfm`` logger (``'debug'``, ``'info'``, ``'warning'``, ``'error'``)."""
+        return self._verbosity
+
+    @verbosity.setter
+    def verbosity(self, value: str | int) -> None:
+        level = value if isinstance(value, int) else logging.getLevelName(str(value).upper())
+        if not isinstance(level, int):
+            msg = f"Expected `verbosity` to be one of 'debug', 'info', 'warning', 'error'; found {value!r}."
+            raise ValueError(msg)
+        logging.getLogger("stfm").setLevel(level)
+        self._verbosity = logging.getLevelName(level).lower()
+
+    def __repr__(self) -> str:
+        fields = ("device", "amp", "autocast_dtype", "batch_size", "num_workers", "show_progress_bar",
+                  "cache_dir", "data_dir", "offline", "verbosity")  # fmt: skip
+        body = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields)
+        return f"stfm.settings({body})"
+
+
+settings = Settings()

@@ -1,0 +1,13 @@
+"""Readers to AnnData / SpatialData and conversions between them."""
+
+from .._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "read_her2st": "_her2st",
+        "read_visium": "_visium",
+        "to_spatialdata": "_convert",
+        "to_anndata": "_convert",
+    },
+)
