@@ -191,6 +191,205 @@ _CARDS: list[EncoderCard] = [
             "a choice (ImageNet has no physical scale), matching the FMs' 112 µm field of view."
         ),
     ),
+    EncoderCard(
+        key="uni",
+        hub_id="MahmoodLab/UNI",
+        revision=None,
+        timm_name="vit_large_patch16_224",
+        timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+        embed_dim=1024,
+        tile_px=224,
+        mpp=0.5,
+        pooling="cls",
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        commercial=False,
+        weights="pytorch_model.bin",
+        paper="Chen et al., Towards a general-purpose foundation model for computational pathology, Nat Med 2024",
+        notes=(
+            "ViT-L/16 (DINOv2 on Mass-100K), class token of the final norm (timm global_pool='token'). Kwargs as in "
+            "the hub card and TRIDENT's uni_v1 loader; ImageNet mean/std; 224 px at 20x (0.5 µm/px). Gated: "
+            "request access on the hub page (institutional e-mail, non-commercial research only). No commit pinned "
+            "(revision=None): pass `revision=` to pin one."
+        ),
+    ),
+    EncoderCard(
+        key="uni2_h",
+        hub_id="MahmoodLab/UNI2-h",
+        revision=None,
+        timm_name="vit_giant_patch14_224",
+        timm_kwargs={
+            "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+            "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True,
+            "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },  # fmt: skip
+        embed_dim=1536,
+        tile_px=224,
+        mpp=0.5,
+        pooling="cls",
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        commercial=False,
+        weights="pytorch_model.bin",
+        paper="Chen et al., Nat Med 2024 (UNI); UNI2-h model card, MahmoodLab 2025",
+        notes=(
+            "ViT-H/14 (24 blocks, 1536 wide, SwiGLU, 8 register tokens) as in the hub card, LazySlide's uni2 and "
+            "TRIDENT's uni_v2 loaders; class token. ImageNet mean/std, 224 px at 20x. Gated, non-commercial. "
+            "No commit pinned (revision=None)."
+        ),
+    ),
+    EncoderCard(
+        key="h_optimus_0",
+        hub_id="bioptimus/H-optimus-0",
+        revision=None,
+        timm_name="vit_giant_patch14_reg4_dinov2",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
+        embed_dim=1536,
+        tile_px=224,
+        mpp=0.5,
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        pooling="cls",
+        license="Apache-2.0",
+        gated=True,
+        commercial=True,
+        weights="pytorch_model.bin",
+        paper="Saillard et al., H-optimus-0 (Bioptimus, 2024)",
+        notes=(
+            "ViT-g/14 with 4 registers (1.1B parameters), class token; H&E-specific mean/std from the hub card "
+            "(also used by LazySlide and TRIDENT); 224 px at 0.5 µm/px. Apache-2.0; the hub asks users to accept "
+            "conditions before downloading (treated as gated here; not re-checked). No commit pinned "
+            "(revision=None)."
+        ),
+    ),
+    EncoderCard(
+        key="h_optimus_1",
+        hub_id="bioptimus/H-optimus-1",
+        revision=None,
+        timm_name="vit_giant_patch14_reg4_dinov2",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
+        embed_dim=1536,
+        tile_px=224,
+        mpp=0.5,
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        pooling="cls",
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        commercial=False,
+        weights="pytorch_model.bin",
+        paper="Bioptimus, H-optimus-1 (2025)",
+        notes=(
+            "Same architecture and normalisation as H-optimus-0 (TRIDENT hoptimus1, LazySlide h-optimus-1). "
+            "Gated: access requests are reviewed (commercial users are pointed to a separate licence). "
+            "Licence as listed by LazySlide (CC-BY-NC-ND-4.0). No commit pinned (revision=None)."
+        ),
+    ),
+    EncoderCard(
+        key="virchow2",
+        hub_id="paige-ai/Virchow2",
+        revision=None,
+        timm_name="vit_huge_patch14_224",
+        timm_kwargs={
+            "img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4, "global_pool": "",
+            "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "dynamic_img_size": True,
+        },  # fmt: skip
+        embed_dim=2560,
+        tile_px=224,
+        mpp=0.5,
+        pooling="cls_patch_mean",
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        commercial=False,
+        weights="pytorch_model.bin",
+        paper="Zimmermann et al., Virchow2: Scaling self-supervised mixed magnification models in pathology, "
+        "arXiv:2408.00738",
+        notes=(
+            "ViT-H/14 (632M, SwiGLU, 4 register tokens). Embedding = class token ⊕ mean of the 256 patch tokens "
+            "(tokens 1-4 are registers and are skipped), 1280 + 1280 = 2560, as recommended on the hub card and "
+            "in TRIDENT's virchow2 loader (output[:, 5:]). ImageNet mean/std, 224 px; trained on mixed "
+            "magnifications, 20x (0.5 µm/px) used here. Gated, CC-BY-NC-ND-4.0 (hub page). No commit pinned "
+            "(revision=None)."
+        ),
+    ),
+    EncoderCard(
+        key="prov_gigapath",
+        hub_id="prov-gigapath/prov-gigapath",
+        revision=None,
+        timm_name="vit_giant_patch14_dinov2",
+        timm_kwargs={
+            "img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+            "mlp_ratio": 5.33334, "init_values": 1e-5,
+        },  # fmt: skip
+        embed_dim=1536,
+        tile_px=224,
+        mpp=0.5,
+        pooling="cls",
+        license="Apache-2.0 (research use only)",
+        gated=True,
+        commercial=False,
+        weights="pytorch_model.bin",
+        paper="Xu et al., A whole-slide foundation model for digital pathology from real-world data, Nature 2024",
+        notes=(
+            "Tile encoder: DINOv2 ViT-g with 16 px patches (1.1B), class token; kwargs as in TRIDENT's gigapath "
+            "loader. ImageNet mean/std. The reference transform resizes 256 px tiles to 256 and centre-crops "
+            "224; stfm feeds the 224 px field directly at 0.5 µm/px. Gated (accept conditions); the access terms "
+            "restrict use to research. No commit pinned (revision=None)."
+        ),
+    ),
+    EncoderCard(
+        key="phikon_v2",
+        hub_id="owkin/phikon-v2",
+        revision=None,
+        timm_name="vit_large_patch16_224",
+        timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5},
+        embed_dim=1024,
+        tile_px=224,
+        mpp=0.5,
+        pooling="cls",
+        license="Owkin non-commercial license",
+        gated=False,
+        commercial=False,
+        weights="model.safetensors",
+        loader="dinov2_hf",
+        paper="Filiot et al., Phikon-v2, A large and public feature extractor for biomarker prediction, "
+        "arXiv:2409.09173",
+        notes=(
+            "DINOv2 ViT-L/16 without registers, 224 px at 20x (0.5 µm/px), ImageNet mean/std, class token of "
+            "last_hidden_state (as TRIDENT and LazySlide use it). Published in transformers' Dinov2Model format; "
+            "stfm renames the tensors to timm's VisionTransformer (q/k/v fused, position embeddings resampled "
+            "if the stored grid differs), so transformers is not needed. The converter is checked on synthetic "
+            "checkpoints only (the real weights could not be downloaded here). No commit pinned (revision=None)."
+        ),
+    ),
+    EncoderCard(
+        key="conch",
+        hub_id="MahmoodLab/CONCH",
+        revision=None,
+        timm_name=None,
+        timm_kwargs={"model_cfg": "conch_ViT-B-16"},
+        embed_dim=512,
+        tile_px=448,
+        mpp=0.5,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        pooling="token_default",
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        commercial=False,
+        weights="pytorch_model.bin",
+        requires="conch",
+        install="pip install git+https://github.com/Mahmoodlab/CONCH.git",
+        loader="conch",
+        paper="Lu et al., A visual-language foundation model for computational pathology, Nat Med 2024",
+        notes=(
+            "Vision-language model (CoCa, ViT-B/16 image tower). Its loader lives in the `conch` package, which is "
+            "NOT on PyPI: install it from GitHub first. Image embedding = encode_image(x, proj_contrast=False, "
+            "normalize=False), 512-d, as in TRIDENT's conch_v1; OpenAI-CLIP mean/std, 448 px input. Gated, "
+            "non-commercial. No commit pinned (revision=None)."
+        ),
+    ),
 ]
 
 _REGISTRY: dict[str, EncoderCard] = {}

@@ -135,10 +135,22 @@ def _weights_path(card_key: str, hub_id: str | None, filename: str | None, model
     if hub_id is None or filename is None:
         msg = f"Encoder {card_key!r} has no hub repository; pass its weights with `model_path=`."
         raise FileNotFoundError(msg)
-    path = hub_download(hub_id, filename, revision=revision, key=card_key)
+    path = _download_first(hub_id, [filename, "model.safetensors", "pytorch_model.bin"], revision, card_key)
     # the snapshot folder name is the commit actually used
     commit = path.parent.name if re.fullmatch(r"[0-9a-f]{40}", path.parent.name) else revision
     return path, f"hub:{hub_id}", commit
+
+
+def _download_first(repo_id: str, filenames: list[str], revision: str | None, key: str) -> Path:
+    """Download the first of ``filenames`` that exists (repos publish ``.safetensors`` and/or ``.bin``)."""
+    first: Exception | None = None
+    for name in dict.fromkeys(filenames):
+        try:
+            return hub_download(repo_id, name, revision=revision, key=key)
+        except FileNotFoundError as e:  # missing file or not cached: try the next name
+            first = first or e
+    assert first is not None
+    raise first
 
 
 def _finish(enc: ImageEncoder, device) -> ImageEncoder:
@@ -308,7 +320,8 @@ def _from_card(card: EncoderCard, *, model_path, revision, transform: dict[str, 
         from conch.open_clip_custom import create_model_from_pretrained  # type: ignore[import-not-found]
 
         del conch
-        clip, _ = create_model_from_pretrained(card.timm_name, checkpoint_path=str(path))
+        cfg_name = card.timm_kwargs.get("model_cfg", "conch_ViT-B-16")
+        clip, _ = create_model_from_pretrained(cfg_name, checkpoint_path=str(path))
         backbone = _ConchImage(clip)
     else:
         _require(card)
@@ -362,10 +375,7 @@ def _from_hf_hub_timm(name: str, *, model_path, revision, transform: dict[str, A
     if model_path is not None:
         path, source, rev = _weights_path(name, None, None, model_path, revision)
     else:
-        try:
-            path = hub_download(repo_id, "model.safetensors", revision=revision, key=name)
-        except FileNotFoundError:
-            path = hub_download(repo_id, "pytorch_model.bin", revision=revision, key=name)
+        path = _download_first(repo_id, ["model.safetensors", "pytorch_model.bin"], revision, name)
         source = f"hub:{repo_id}"
         rev = path.parent.name if re.fullmatch(r"[0-9a-f]{40}", path.parent.name) else revision
     load_state_into(backbone, load_weights_file(path), name=name, source=source)
