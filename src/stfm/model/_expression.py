@@ -1,0 +1,575 @@
+"""``ExpressionPredictor``: H&E embedding → ZINB over raw counts, on scvi-tools infrastructure."""
+
+from __future__ import annotations
+
+import copy as _copy
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from lightning.pytorch.callbacks import Callback
+from scipy import sparse
+from scvi.data import AnnDataManager
+from scvi.data._constants import _SETUP_ARGS_KEY
+from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from .._constants import EXPR_KEYS, Key
+from .._settings import settings
+from ..module._expression import ExpressionModule
+
+__all__ = ["ExpressionPredictor", "check_counts", "check_embedding", "pool_neighbors"]
+
+logger = logging.getLogger("stfm")
+
+
+# --------------------------------------------------------------------------------------------------
+# input checks shared with the tools
+# --------------------------------------------------------------------------------------------------
+def _encoder_from_key(embedding_key: str) -> str:
+    return embedding_key[2:] if embedding_key.startswith("X_") else embedding_key
+
+
+def _recorded_encoder(adata: AnnData, embedding_key: str) -> str | None:
+    """Encoder named in ``uns['stfm'][embedding_key]`` (written by :func:`stfm.pp.extract_features`), if any."""
+    store = adata.uns.get("stfm", {})
+    prov = store.get(embedding_key, {}) if hasattr(store, "get") else {}
+    if not hasattr(prov, "get"):
+        return None
+    enc = prov.get("encoder", prov.get("model"))
+    return None if enc is None else str(enc)
+
+
+def check_embedding(adata: AnnData, embedding_key: str, *, n_dims: int | None = None) -> np.ndarray:
+    """Return ``obsm[embedding_key]`` as float32 after checking it exists, is 2-D, finite and of the expected width."""
+    if embedding_key not in adata.obsm:
+        enc = _encoder_from_key(embedding_key)
+        msg = (
+            f"`adata.obsm[{embedding_key!r}]` not found (available: {sorted(adata.obsm.keys())}). Compute the "
+            f"embedding first with `stfm.pp.extract_features(adata, {enc!r})`"
+            + (f" (it writes `obsm[{embedding_key!r}]`)." if embedding_key.startswith("X_") else f", key_added={embedding_key!r}).")
+        )
+        raise KeyError(msg)
+    emb = adata.obsm[embedding_key]
+    emb = np.asarray(emb.values if isinstance(emb, pd.DataFrame) else emb)
+    if emb.ndim != 2:
+        msg = f"Expected `obsm[{embedding_key!r}]` to be a 2-D array (n_obs, n_dims), found shape {emb.shape}."
+        raise ValueError(msg)
+    if not np.issubdtype(emb.dtype, np.number):
+        msg = f"Expected a numeric embedding in `obsm[{embedding_key!r}]`, found dtype {emb.dtype}."
+        raise TypeError(msg)
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        ex = list(adata.obs_names[bad][:3])
+        msg = (
+            f"`obsm[{embedding_key!r}]` has NaN or inf values in {int(bad.sum())} of {adata.n_obs} rows (e.g. {ex}). "
+            "Re-run `stfm.pp.extract_features` for these spots or drop them (`adata = adata[mask]`) first."
+        )
+        raise ValueError(msg)
+    if n_dims is not None and emb.shape[1] != n_dims:
+        msg = (
+            f"The embedding `obsm[{embedding_key!r}]` has {emb.shape[1]} dimensions but the model was trained on "
+            f"{n_dims}-dimensional embeddings. Extract the query features with the same encoder as the training data."
+        )
+        raise ValueError(msg)
+    return emb.astype(np.float32, copy=False)
+
+
+def check_counts(adata: AnnData, layer: str | None = None) -> None:
+    """Raise unless ``X`` / ``layers[layer]`` holds non-negative integer counts."""
+    where = "X" if layer is None else f"layers[{layer!r}]"
+    if layer is not None and layer not in adata.layers:
+        msg = f"`adata.layers[{layer!r}]` not found. Available layers: {sorted(adata.layers.keys())}."
+        raise KeyError(msg)
+    x = adata.X if layer is None else adata.layers[layer]
+    if x is None:
+        msg = f"`adata.{where}` is empty; the ZINB model needs raw counts there."
+        raise ValueError(msg)
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        msg = f"`adata.{where}` has NaN or inf values; the ZINB model needs raw, non-negative integer counts."
+        raise ValueError(msg)
+    if values.min() < 0:
+        msg = (
+            f"`adata.{where}` has negative values (min {values.min():.3g}); the ZINB model needs raw, non-negative "
+            "integer counts. Pass `layer=` naming a layer of raw counts (e.g. `adata.layers['counts']`)."
+        )
+        raise ValueError(msg)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
+        msg = (
+            f"`adata.{where}` holds non-integer values (e.g. {values[np.mod(values, 1) != 0][0]:.4g}), as after "
+            "`normalize_total`/`log1p`; the ZINB model needs raw integer counts. Pass `layer=` naming a layer of raw "
+            "counts, or use `method='ridge'`."
+        )
+        raise ValueError(msg)
+
+
+def _section_labels(adata: AnnData, section_key: str | None) -> np.ndarray:
+    if section_key is None:
+        return np.zeros(adata.n_obs, dtype=object)
+    if section_key not in adata.obs:
+        msg = f"`adata.obs[{section_key!r}]` not found. Available columns: {sorted(adata.obs.columns)}."
+        raise KeyError(msg)
+    return adata.obs[section_key].astype(str).to_numpy()
+
+
+def pool_neighbors(
+    adata: AnnData,
+    embedding_key: str,
+    n_neighbors: Sequence[int],
+    *,
+    section_key: str | None = None,
+    spatial_key: str = "spatial",
+) -> np.ndarray:
+    """Concatenate the embedding with its mean over the ``k`` nearest spots, for each ``k``, within each section.
+
+    Returns an array of shape ``(n_obs, n_dims * (1 + len(n_neighbors)))``; neighbours never cross sections.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    emb = check_embedding(adata, embedding_key)
+    if spatial_key not in adata.obsm:
+        msg = (
+            f"Neighbour pooling needs spot coordinates in `adata.obsm[{spatial_key!r}]`; available: "
+            f"{sorted(adata.obsm.keys())}. Pass `neighbor_pooling=None` or add the coordinates."
+        )
+        raise KeyError(msg)
+    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    labels = _section_labels(adata, section_key)
+    out = [emb] + [np.empty_like(emb) for _ in n_neighbors]
+    for lab in pd.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        kmax = min(max(n_neighbors), len(idx) - 1)
+        if kmax < 1:
+            for j in range(len(n_neighbors)):
+                out[j + 1][idx] = emb[idx]
+            continue
+        nn_ = NearestNeighbors(n_neighbors=kmax + 1).fit(xy[idx])
+        _, nbr = nn_.kneighbors(xy[idx])
+        nbr = nbr[:, 1:]  # drop the spot itself
+        for j, k in enumerate(n_neighbors):
+            kk = min(k, kmax)
+            out[j + 1][idx] = emb[idx][nbr[:, :kk]].mean(axis=1)
+    return np.concatenate(out, axis=1).astype(np.float32)
+
+
+class _KeepBest(Callback):
+    """Keep the module weights of the epoch with the lowest validation loss and restore them at the end."""
+
+    def __init__(self, monitor: str = "elbo_validation") -> None:
+        self.monitor = monitor
+        self.best = np.inf
+        self.best_epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if value < self.best:
+            self.best = value
+            self.best_epoch = int(trainer.current_epoch)
+            self.state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        if self.state is not None:
+            pl_module.module.load_state_dict(self.state)
+
+
+class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
+    """Predict spatial gene expression from an H&E embedding with a zero-inflated negative binomial.
+
+    An MLP maps a spot's (optionally neighbour-pooled) foundation-model embedding to the ZINB's normalised
+    mean, zero-inflation and a predicted library size (:class:`~stfm.module.ExpressionModule`). Training uses
+    the observed library size and scvi-tools' :class:`~scvi.train.TrainingPlan` / ``TrainRunner``; early
+    stopping watches whole validation sections (see :meth:`train`).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (raw counts of the gene panel in ``X`` or ``layer``).
+    n_hidden
+        Width of the hidden layers.
+    n_layers
+        Number of hidden layers.
+    dropout_rate
+        Dropout after each hidden layer.
+    input_dropout
+        Dropout on the standardised embedding.
+    library_loss_weight
+        Weight of the log-library-size regression loss.
+
+    Examples
+    --------
+    >>> stfm.model.ExpressionPredictor.setup_anndata(adata, embedding_key="X_efficientnet_lite0", section_key="section")
+    >>> model = stfm.model.ExpressionPredictor(adata)
+    >>> model.train(max_epochs=200)
+    >>> pred = model.predict(query, library_size=1e4)
+    """
+
+    _module_cls = ExpressionModule
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        registry: dict | None = None,
+        n_hidden: int = 256,
+        n_layers: int = 1,
+        dropout_rate: float = 0.2,
+        input_dropout: float = 0.1,
+        library_loss_weight: float = 1.0,
+    ) -> None:
+        super().__init__(adata, registry=registry)
+        n_input = int(self.summary_stats[f"n_{EXPR_KEYS.EMBEDDING_KEY}"])
+        emb_mean = emb_std = None
+        log_lib = 0.0
+        if adata is not None:
+            # standardisation statistics of the training embedding (buffers: restored by `load` otherwise)
+            emb = np.asarray(self.adata_manager.get_from_registry(EXPR_KEYS.EMBEDDING_KEY), dtype=np.float64)
+            x = self.adata_manager.get_from_registry(EXPR_KEYS.X_KEY)
+            lib = np.asarray(x.sum(axis=1)).ravel()
+            emb_mean, emb_std = emb.mean(0), emb.std(0)
+            log_lib = float(np.log(np.clip(lib, 1, None)).mean())
+        self.module = self._module_cls(
+            n_input=n_input,
+            n_genes=self.summary_stats.n_vars,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            input_dropout=input_dropout,
+            embedding_mean=emb_mean,
+            embedding_std=emb_std,
+            log_library_mean=log_lib,
+            library_loss_weight=library_loss_weight,
+        )
+        setup = self.registry_[_SETUP_ARGS_KEY]
+        self.embedding_key_: str = setup["embedding_key"]
+        #: encoder recorded in the training embedding's provenance (``None`` when not recorded)
+        self.encoder_: str | None = None if adata is None else _recorded_encoder(adata, self.embedding_key_)
+        self.best_epoch_: int | None = None
+        self.validation_sections_: list[str] = []
+        self._model_summary_string = (
+            f"ExpressionPredictor (ZINB) on `obsm[{self.embedding_key_!r}]` ({n_input} dims), "
+            f"{self.summary_stats.n_vars} genes, n_hidden={n_hidden}, n_layers={n_layers}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        embedding_key: str,
+        layer: str | None = None,
+        section_key: str | None = None,
+        patient_key: str | None = None,
+        neighbor_pooling: int | Sequence[int] | None = None,
+        spatial_key: str = "spatial",
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData for :class:`ExpressionPredictor`.
+
+        Parameters
+        ----------
+        adata
+            Spots × genes with raw counts; ``obsm[embedding_key]`` holds the H&E embedding.
+        embedding_key
+            obsm key of the embedding (e.g. ``'X_efficientnet_lite0'`` from :func:`stfm.pp.extract_features`).
+        layer
+            Layer with raw counts (``None``: ``X``).
+        section_key
+            obs column naming each spot's section (used for neighbour pooling and validation sections).
+        patient_key
+            obs column naming each spot's patient.
+        neighbor_pooling
+            ``k`` (or several) nearest spots, within a section, whose mean embedding is concatenated to the
+            spot's own; stored in ``obsm[f'{embedding_key}_nbr{k}']`` and recomputed for queries.
+        spatial_key
+            obsm key of spot coordinates (needed for ``neighbor_pooling``).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if neighbor_pooling is not None:
+            ks = (neighbor_pooling,) if isinstance(neighbor_pooling, int | np.integer) else tuple(neighbor_pooling)
+            if not ks or any(int(k) < 1 for k in ks):
+                msg = f"Expected `neighbor_pooling` to be a positive int or a sequence of them, found {neighbor_pooling!r}."
+                raise ValueError(msg)
+            ks = tuple(int(k) for k in ks)
+            setup_method_args[_SETUP_ARGS_KEY]["neighbor_pooling"] = list(ks)
+        check_counts(adata, layer)
+        check_embedding(adata, embedding_key)
+        for key in (section_key, patient_key):
+            if key is not None and key not in adata.obs:
+                msg = f"`adata.obs[{key!r}]` not found. Available columns: {sorted(adata.obs.columns)}."
+                raise KeyError(msg)
+        if section_key is not None and kwargs.get("source_registry") is None:
+            x = adata.X if layer is None else adata.layers[layer]
+            lib = np.asarray(x.sum(axis=1)).ravel()
+            labels = adata.obs[section_key].astype(str).to_numpy()
+            empty = [s for s in pd.unique(labels) if lib[labels == s].sum() == 0]
+            if empty:
+                msg = (
+                    f"Section(s) {empty} have no counts in the registered genes. Drop them (e.g. "
+                    f"`adata = adata[~adata.obs[{section_key!r}].isin({empty})]`) or check the gene panel."
+                )
+                raise ValueError(msg)
+        input_key = embedding_key
+        if neighbor_pooling is not None:
+            input_key = Key.pooled(embedding_key, ks)
+            adata.obsm[input_key] = pool_neighbors(
+                adata, embedding_key, ks, section_key=section_key, spatial_key=spatial_key
+            )
+        anndata_fields = [
+            LayerField(EXPR_KEYS.X_KEY, layer, is_count_data=True),
+            ObsmField(EXPR_KEYS.EMBEDDING_KEY, input_key),
+            CategoricalObsField(EXPR_KEYS.SECTION_KEY, section_key),
+            CategoricalObsField(EXPR_KEYS.PATIENT_KEY, patient_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def genes(self) -> list[str]:
+        """The gene panel, in output order."""
+        return [str(g) for g in self.registry_["field_registries"][EXPR_KEYS.X_KEY]["state_registry"]["column_names"]]
+
+    @property
+    def setup_args(self) -> dict[str, Any]:
+        """Arguments given to :meth:`setup_anndata`."""
+        return dict(self.registry_[_SETUP_ARGS_KEY])
+
+    def _section_codes(self) -> tuple[np.ndarray, list[str]]:
+        reg = self.adata_manager.get_state_registry(EXPR_KEYS.SECTION_KEY)
+        codes = np.asarray(self.adata_manager.get_from_registry(EXPR_KEYS.SECTION_KEY)).ravel().astype(int)
+        return codes, [str(c) for c in reg.categorical_mapping]
+
+    def train(
+        self,
+        max_epochs: int = 300,
+        *,
+        validation_sections: Sequence[str] | None = None,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 30,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 128,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        plan_kwargs: dict[str, Any] | None = None,
+        **trainer_kwargs: Any,
+    ):
+        """Train with early stopping on whole validation sections from the training patients.
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum number of epochs.
+        validation_sections
+            Sections held out for early stopping. ``None`` picks the last section (sorted by name) when the
+            registered data has at least two sections; with a single section there is no validation split and
+            training runs for ``max_epochs`` (early stopping is turned off, with a warning).
+        early_stopping
+            Stop when the validation ZINB loss has not improved for ``early_stopping_patience`` epochs; the
+            weights of the best validation epoch are restored either way.
+        early_stopping_patience
+            Epochs without improvement before stopping.
+        lr, weight_decay
+            AdamW learning rate and weight decay (scvi :class:`~scvi.train.TrainingPlan`).
+        batch_size
+            Minibatch size.
+        accelerator, devices
+            Lightning device selection.
+        plan_kwargs
+            Extra arguments for :class:`~scvi.train.TrainingPlan`.
+        **trainer_kwargs
+            Extra arguments for :class:`~scvi.train.Trainer`.
+        """
+        codes, cats = self._section_codes()
+        present = [cats[c] for c in np.unique(codes)]
+        if validation_sections is None:
+            validation_sections = [sorted(present)[-1]] if len(present) >= 2 else []
+        else:
+            validation_sections = [str(s) for s in validation_sections]
+            unknown = [s for s in validation_sections if s not in present]
+            if unknown:
+                msg = f"Validation section(s) {unknown} are not in the training data; its sections are {present}."
+                raise ValueError(msg)
+            if len(validation_sections) >= len(present):
+                msg = "`validation_sections` would leave no section to train on; keep at least one for training."
+                raise ValueError(msg)
+        val_mask = np.isin(np.asarray(cats, dtype=object)[codes], validation_sections)
+        train_idx, val_idx = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+        if len(val_idx) == 0 and early_stopping:
+            warnings.warn(
+                "Only one section to train on: no validation section, so early stopping is off and training runs "
+                f"for max_epochs={max_epochs}. Register more sections (`section_key=`) to choose epochs on held-out data.",
+                UserWarning,
+                stacklevel=2,
+            )
+            early_stopping = False
+        self.validation_sections_ = list(validation_sections)
+        plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", **(plan_kwargs or {})}
+        keep = _KeepBest()
+        callbacks = [*trainer_kwargs.pop("callbacks", []), keep] if len(val_idx) else trainer_kwargs.pop("callbacks", [])
+        trainer_kwargs.setdefault("enable_progress_bar", bool(settings.show_progress_bar))
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if len(val_idx) else None)
+        out = super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            datasplitter_kwargs={"external_indexing": [train_idx, val_idx, np.array([], dtype=int)]},
+            plan_kwargs=plan,
+            callbacks=callbacks,
+            **trainer_kwargs,
+        )
+        self.best_epoch_ = keep.best_epoch if len(val_idx) else max_epochs - 1
+        self.module.eval()
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    def _query_anndata(self, adata: AnnData, use_rep: str | None = None) -> AnnData:
+        """Internal AnnData for inference: the panel's counts (zero-padded if absent) + the model input embedding."""
+        setup = self.setup_args
+        emb_key = use_rep or setup["embedding_key"]
+        n_raw = self.module.n_input // (1 + len(setup.get("neighbor_pooling") or []))
+        emb = check_embedding(adata, emb_key, n_dims=n_raw)
+        enc = _recorded_encoder(adata, emb_key)
+        trained_enc = getattr(self, "encoder_", None)
+        if enc is not None and trained_enc is not None and enc != trained_enc:
+            msg = (
+                f"The query embedding `obsm[{emb_key!r}]` was made with encoder {enc!r}, but the model was "
+                f"trained on {trained_enc!r} embeddings. Run `stfm.pp.extract_features(adata, {trained_enc!r})` on "
+                "the query first."
+            )
+            raise ValueError(msg)
+        genes = pd.Index(self.genes)
+        layer = setup.get("layer")
+        n = adata.n_obs
+        src = None
+        if adata.n_vars and genes.isin(adata.var_names).all():
+            src = adata[:, genes].X if layer is None or layer not in adata.layers else adata[:, genes].layers[layer]
+            try:
+                check_counts(AnnData(X=src))
+            except ValueError:
+                src = None  # not counts (e.g. a normalised query): predictions do not need them
+        x = sparse.csr_matrix(src, dtype=np.float32) if src is not None else sparse.csr_matrix((n, len(genes)), dtype=np.float32)
+        sec_key, pat_key = setup.get("section_key"), setup.get("patient_key")
+        obs = pd.DataFrame(index=pd.Index(np.arange(n).astype(str)))
+        for key in (sec_key, pat_key):
+            if key is not None:
+                obs[key] = adata.obs[key].astype(str).to_numpy() if key in adata.obs else "query"
+        q = AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes))
+        if layer is not None:
+            q.layers[layer] = x
+        q.obsm[setup["embedding_key"]] = emb
+        spatial_key = setup.get("spatial_key", "spatial")
+        if spatial_key in adata.obsm:
+            q.obsm[spatial_key] = np.asarray(adata.obsm[spatial_key])
+        ks = setup.get("neighbor_pooling")
+        if ks:
+            q.obsm[Key.pooled(setup["embedding_key"], tuple(ks))] = pool_neighbors(
+                q, setup["embedding_key"], tuple(ks), section_key=sec_key, spatial_key=spatial_key
+            )
+        q.uns["_stfm_has_counts"] = src is not None
+        if self.adata_manager is None:
+            type(self).setup_anndata(q, source_registry=self.registry_, extend_categories=True, **{
+                k: v for k, v in setup.items() if k != "neighbor_pooling"
+            }, neighbor_pooling=tuple(ks) if ks else None)
+            self._adata = q
+            self._adata_manager = self._get_most_recent_anndata_manager(q, required=True)
+            self._register_manager_for_instance(self._adata_manager)
+        else:
+            self._register_manager_for_instance(self.adata_manager.transfer_fields(q, extend_categories=True))
+        return q
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        *,
+        library_size: float | Literal["observed", "predicted"] = 1e4,
+        return_std: bool = False,
+        return_dist_params: bool = False,
+        use_rep: str | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Predicted expression: normalised mean (``scale``) × library size, float32 ``(n_obs, n_genes)``.
+
+        Parameters
+        ----------
+        adata
+            Query with the embedding in ``obsm`` (genes optional: an H&E-only table works). ``None``: the
+            training data.
+        library_size
+            A number (the same for every spot; 1e4 gives counts per 10k), ``'observed'`` (sum of the query's
+            counts over the panel; needs counts) or ``'predicted'`` (library size predicted from the image).
+        return_std
+            Also return the ZINB standard deviation (same shape).
+        return_dist_params
+            Also return the zero-inflation probability ``(n_obs, n_genes)`` and the gene-wise ``theta``.
+        use_rep
+            obsm key of the query embedding when it differs from the training key.
+        batch_size
+            Minibatch size (default :attr:`stfm.settings.batch_size`).
+
+        Returns
+        -------
+        ``mean`` or ``(mean, std)``, ``(mean, zi_prob, theta)``, ``(mean, std, zi_prob, theta)``. ``mean`` is the
+        negative binomial mean ``l · scale`` (the zero-inflated mean is ``(1 - zi_prob) · mean``).
+        """
+        self._check_if_trained(warn=True)
+        source = self.adata if adata is None else adata
+        q = self._query_anndata(source, use_rep=use_rep)
+        if library_size == "observed" and not q.uns["_stfm_has_counts"]:
+            msg = (
+                "`library_size='observed'` needs raw counts of the model's genes in the query; this table has none. "
+                "Pass a number (e.g. 1e4) or 'predicted'."
+            )
+            raise ValueError(msg)
+        if not (isinstance(library_size, str) and library_size in {"observed", "predicted"}):
+            from .._validation import check_positive
+
+            check_positive(library_size, name="library_size")
+        self.module.eval()
+        loader = self._make_data_loader(adata=q, batch_size=batch_size or settings.batch_size, shuffle=False)
+        means, stds, zis = [], [], []
+        for tensors in loader:
+            inf = self.module.inference(**self.module._get_inference_input(tensors))
+            if library_size == "observed":
+                lib = tensors[EXPR_KEYS.X_KEY].sum(-1, keepdim=True)
+            elif library_size == "predicted":
+                lib = None
+            else:
+                lib = torch.full((inf["h"].shape[0], 1), float(library_size), device=inf["h"].device)
+            gen = self.module.generative(h=inf["h"], library=lib)
+            px = gen["px"]
+            means.append(px.mu.float().cpu().numpy())
+            if return_std:
+                stds.append(np.sqrt(px.variance.float().cpu().numpy()))
+            if return_dist_params:
+                zis.append(torch.sigmoid(px.zi_logits).float().cpu().numpy())
+        out: list[np.ndarray] = [np.concatenate(means).astype(np.float32)]
+        if return_std:
+            out.append(np.concatenate(stds).astype(np.float32))
+        if return_dist_params:
+            out.append(np.concatenate(zis).astype(np.float32))
+            out.append(torch.exp(self.module.log_theta).detach().cpu().numpy().astype(np.float32))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def copy(self) -> ExpressionPredictor:
+        """A deep copy of the model."""
+        return _copy.deepcopy(self)
