@@ -45,11 +45,13 @@ def to_spatialdata(
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Identity, Scale
 
-    lib = get_library_id(adata, library_id)
-    if lib is None:
-        lib = library_id or "library"
-    check_valid_key(lib, what="library_id")
+    if library_id is not None:
+        check_valid_key(library_id, what="library_id")
     check_valid_key(table_key, what="table_key")
+    if library_id is not None and not adata.uns.get("spatial"):
+        lib = library_id  # no image metadata yet: the name only labels the new elements
+    else:
+        lib = get_library_id(adata, library_id) or "library"
     if spatial_key not in adata.obsm:
         msg = f"`obsm[{spatial_key!r}]` not found: spot coordinates are needed to build shapes. Available: {list(adata.obsm)}."
         raise KeyError(msg)

@@ -157,10 +157,10 @@ def read_her2st(
             f"{str(files['spots'])!r}; the two files belong to different sections."
         )
         raise ValueError(msg)
-    spot_table = spot_table.loc[obs_names]
     if len(obs_names) == 0:
-        msg = f"Section {section} has no spots under tissue in {str(files['counts'])!r}."
+        msg = f"The counts file {str(files['counts'])!r} of section {section} holds no spot."
         raise ValueError(msg)
+    spot_table = spot_table.loc[obs_names]
 
     obs = pd.DataFrame(index=pd.Index(obs_names))
     obs["patient"] = pd.Categorical([section[0]] * len(obs))
@@ -297,6 +297,9 @@ def _read_spots(path: Path) -> pd.DataFrame:
         msg = f"Spot file {str(path)!r} lacks columns {sorted(need - set(table.columns))}; expected {sorted(need)}."
         raise ValueError(msg)
     table = table[table["selected"] == 1]
+    if table.empty:
+        msg = f"Spot file {str(path)!r} selects no spot (no row has selected == 1); nothing lies under tissue."
+        raise ValueError(msg)
     table.index = table["x"].astype(int).astype(str) + "x" + table["y"].astype(int).astype(str)
     return table
 

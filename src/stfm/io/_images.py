@@ -30,9 +30,10 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     else:
         from PIL import Image, UnidentifiedImageError
 
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # slide-sized H&E scans are expected here; restored below
         try:
             with Image.open(path) as im:
-                im.MAX_IMAGE_PIXELS = None  # whole-slide-sized H&E images are expected here
                 arr = np.asarray(im.convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             msg = (
@@ -40,6 +41,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
                 "Expected a JPEG/PNG/TIFF H&E image; re-download the file or pass `image=None` to read without it."
             )
             raise ValueError(msg) from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.ndim != 3 or arr.shape[-1] < 3:

@@ -1,0 +1,104 @@
+"""Package-level behaviour: light import, settings, the download path, the demo."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import DATA_DIR, HAS_HER2ST, needs_her2st
+
+import stfm
+
+
+def test_import_is_light():
+    code = (
+        "import sys, time; t = time.perf_counter(); import stfm; dt = time.perf_counter() - t; "
+        "heavy = [m for m in ('torch', 'scvi', 'timm', 'spatialdata', 'scanpy', 'squidpy', 'lightning') if m in sys.modules]; "
+        "print(heavy, dt)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "[]", f"`import stfm` pulled in {out}"
+    # subpackages are lazy too
+    code2 = "import sys, stfm.tl, stfm.pp, stfm.pl, stfm.model, stfm.encoders; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_settings_validate_and_reset(monkeypatch):
+    s = stfm._settings.Settings()
+    with pytest.raises(ValueError, match=r"Expected `batch_size` to be a positive integer, found 0"):
+        s.batch_size = 0
+    with pytest.raises(ValueError, match=r"Expected `num_workers` to be >= 0"):
+        s.num_workers = -1
+    with pytest.raises(ValueError, match=r"Expected `verbosity` to be one of"):
+        s.verbosity = "loud"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("STFM_DATA_DIR", "/some/mirror")
+    s.reset()
+    assert s.offline is True and str(s.data_dir) == "/some/mirror"
+    assert s.resolve_device("cpu").type == "cpu"
+
+
+def test_unknown_attribute():
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        stfm.tl.nope  # noqa: B018
+
+
+@pytest.fixture
+def http_mirror(tmp_path):
+    """A local HTTP server laid out like the public repository, so the real download path runs."""
+    root = tmp_path / "served"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@needs_her2st
+def test_download_path_checksums(http_mirror, tmp_path, monkeypatch):
+    from stfm.datasets import _her2st
+
+    root, base = http_mirror
+    for rel in ("data/ST-cnts/C1.tsv.gz", "data/ST-spotfiles/C1_selection.tsv"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA_DIR / "her2st" / rel, root / rel)
+    monkeypatch.setattr(_her2st, "_url", lambda rel: f"{base}/{rel}")
+    monkeypatch.setattr(stfm.settings, "_data_dir", None)
+    monkeypatch.setattr(stfm.settings, "_cache_dir", tmp_path / "cache")
+    monkeypatch.setattr(stfm.settings, "offline", False)
+    adata = stfm.datasets.her2st("C1", image=False, labels=False, clusters=False)
+    assert adata.n_obs == 176
+    cached = tmp_path / "cache" / "her2st" / "data" / "ST-cnts" / "C1.tsv.gz"
+    assert cached.is_file()
+    # a tampered download is refused and not kept
+    cached.unlink()
+    with open(root / "data/ST-cnts/C1.tsv.gz", "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(ValueError, match=r"Checksum mismatch downloading .*C1.tsv.gz"):
+        stfm.datasets.her2st("C1", image=False, labels=False, clusters=False)
+    assert not cached.exists()
+
+
+@pytest.mark.skipif(not HAS_HER2ST, reason="her2st mirror not found (set STFM_DATA_DIR)")
+def test_demo_end_to_end(tmp_path):
+    import spatialdata as sd
+
+    env = {**os.environ, "STFM_DATA_DIR": str(DATA_DIR), "STFM_CACHE_DIR": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "stfm", "demo", "--out", str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=1500)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"outputs written to {tmp_path / 'out'}" in proc.stdout
+    sdata = sd.read_zarr(tmp_path / "out" / "B4.zarr")
+    assert sdata.tables["table"].n_obs == 283 and "B4_full_image" in sdata.images
+    png = tmp_path / "out" / "B4_overview.png"
+    assert png.stat().st_size > 50_000
+    print(f"demo took {time.perf_counter() - t0:.0f} s")
