@@ -14,8 +14,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   start=$(date +%s)
   echo "[dev.sh] setting up $VENV (pinned by constraints.txt) …"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+  quiet() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }  # local-index noise
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2> >(quiet)
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]" 2> >(quiet)
   "$VENV/bin/python" -m compileall -q -j 0 "$VENV"/lib/python*/site-packages >/dev/null 2>&1 || true
   echo "$want" > "$STAMP"
   echo "[dev.sh] set up in $(( $(date +%s) - start )) s"

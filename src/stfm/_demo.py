@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -24,7 +25,9 @@ def write_zarr_atomic(sdata, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         staged = tmp / target.name
-        sdata.write(staged)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+            sdata.write(staged)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)

@@ -130,8 +130,8 @@ def fetch_section(section: str, *, parts: tuple[str, ...] | None = None) -> dict
             continue
         if relpath is None:
             files[part] = None
-            if part in ("image", "labels"):
-                missing_optional.append(f"{part} (not published for {section})")
+            if part == "image":  # labels exist for one section per patient only: their absence is the norm
+                missing_optional.append(f"image (no H&E image of {section} is published in {REPOSITORY})")
             continue
         try:
             files[part] = _fetch(relpath)
