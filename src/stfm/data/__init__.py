@@ -11,6 +11,8 @@ __getattr__, __dir__, __all__ = attach(
         "LazyArraySource": "_sources",
         "TiffSource": "_sources",
         "open_image": "_sources",
+        "as_dask": "_sources",
+        "SourceArray": "_sources",
         "TileDataset": "_dataset",
         "crop_boxes": "_dataset",
         "detect_tissue": "_tissue",

@@ -461,7 +461,7 @@ def _inputs_spatialdata(
         msg = f"`sdata.images[{image_key!r}]` not found. Available images: {images}."
         raise KeyError(msg)
     element = sdata.images[image_key]
-    if hasattr(element, "dims"):
+    if type(element).__name__ == "DataArray":
         levels = [element]
     else:  # multiscale DataTree: scale0 (finest), scale1, ...
         names = sorted(element.keys(), key=lambda k: int("".join(c for c in str(k) if c.isdigit()) or 0))

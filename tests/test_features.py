@@ -1,0 +1,294 @@
+"""stfm.pp.extract_features on real her2st B4 tiles (efficientnet_lite0, real ImageNet weights)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_her2st
+
+import stfm
+from stfm.encoders import load_encoder
+
+pytestmark = needs_her2st
+
+KEY = "X_efficientnet_lite0"
+
+
+def _subset(adata, n: int):
+    """``n`` spots spread over the section (every k-th spot), as a copy."""
+    idx = np.linspace(0, adata.n_obs - 1, n).round().astype(int)
+    return adata[idx].copy()
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_encoder("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def b4_image():
+    from stfm.data import open_image
+    from conftest import load_section
+
+    ad = load_section("B4")
+    src = open_image(ad.uns["spatial"]["B4"]["metadata"]["source_image_path"])
+    return src.array
+
+
+@pytest.fixture
+def b4_small(b4):
+    return _subset(b4, 24)
+
+
+def _mean_pairwise_cosine(x: np.ndarray) -> float:
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = x @ x.T
+    n = len(x)
+    return float((c.sum() - n) / (n * (n - 1)))
+
+
+def test_b4_not_collapsed_and_deterministic(b4, lite0):
+    ad = _subset(b4, 32)
+    stfm.pp.extract_features(ad, lite0, cache=False)
+    first = ad.obsm[KEY].copy()
+    stfm.pp.extract_features(ad, lite0, cache=False)
+    assert first.dtype == np.float32 and first.shape == (32, 1280)
+    assert np.isfinite(first).all()
+    np.testing.assert_array_equal(first, ad.obsm[KEY])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no pretrained weights": random init on purpose
+        torch.manual_seed(0)
+        rand = load_encoder("tf_efficientnet_lite0")
+    assert rand.source == "random"
+    random_feats = stfm.pp.extract_features(ad, rand, inplace=False, cache=False)
+    cos_real, cos_rand = _mean_pairwise_cosine(first), _mean_pairwise_cosine(random_feats)
+    # Real weights separate tissue types; a random network maps every H&E tile to nearly the same vector.
+    assert cos_rand > 0.95
+    assert cos_real < cos_rand - 0.15, (cos_real, cos_rand)
+
+    prov = ad.uns["stfm"][KEY]
+    assert prov["function"] == "pp.extract_features"
+    assert prov["encoder"] == "efficientnet_lite0" and prov["embed_dim"] == 1280
+    assert prov["tile_px"] == 224 and prov["tile_um"] == pytest.approx(112.0)
+    assert prov["crop_px"] == round(112.0 / prov["slide_mpp"])  # 163 px at 0.688 µm/px
+    assert prov["n_tiles_padded"] == 0 and prov["cache_hit"] is False
+
+
+def test_physical_scale(b4, lite0, b4_image):
+    """The same tissue at half the resolution (µm/px doubled, coordinates halved) gives nearly the same embeddings."""
+    from PIL import Image
+
+    ad = _subset(b4, 24)
+    mpp = ad.uns["spatial"]["B4"]["scalefactors"]["microns_per_pixel"]
+    full = stfm.pp.extract_features(ad, lite0, img=b4_image, inplace=False, cache=False)
+
+    h, w = b4_image.shape[:2]
+    half_img = np.asarray(Image.fromarray(b4_image).resize((w // 2, h // 2), Image.Resampling.BOX))
+    half = ad.copy()
+    half.obsm["spatial"] = ad.obsm["spatial"] / 2
+    half.uns["spatial"]["B4"]["scalefactors"]["microns_per_pixel"] = 2 * mpp
+    half.uns["spatial"]["B4"]["scalefactors"]["spot_diameter_fullres"] /= 2
+    same = stfm.pp.extract_features(half, lite0, img=half_img, inplace=False, cache=False)
+    # wrong-scale control: the half-resolution image read as if it were full resolution (tiles twice as wide)
+    with pytest.warns(UserWarning, match="differs from"):
+        wrong = stfm.pp.extract_features(half, lite0, img=half_img, slide_mpp=mpp, inplace=False, cache=False)
+
+    def cos(a, b):
+        return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    c_same, c_wrong = cos(full, same), cos(full, wrong)
+    assert np.median(c_same) > 0.9, np.median(c_same)
+    assert c_same.mean() > c_wrong.mean() + 0.05, (c_same.mean(), c_wrong.mean())
+    assert (c_same > c_wrong).mean() > 0.8
+
+
+def test_lazy_tiff_matches_in_memory(b4, lite0, b4_image, tmp_path):
+    import tifffile
+
+    from stfm.data import TiffSource, open_image
+
+    # a 4096 × 4096 crop of B4 written as a tiled, pyramidal, lossless TIFF
+    y0, x0 = 2500, 2500
+    crop = np.ascontiguousarray(b4_image[y0 : y0 + 4096, x0 : x0 + 4096])
+    path = tmp_path / "b4_crop.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(crop, tile=(512, 512), subifds=1, compression="zlib", photometric="rgb")
+        tw.write(crop[::2, ::2], tile=(512, 512), subfiletype=1, compression="zlib", photometric="rgb")
+    src = open_image(path)
+    assert isinstance(src, TiffSource) and src.lazy and len(src.level_shapes) == 2
+
+    ad = b4.copy()
+    xy = ad.obsm["spatial"] - [x0, y0]
+    inside = (xy[:, 0] > 150) & (xy[:, 1] > 150) & (xy[:, 0] < 4096 - 150) & (xy[:, 1] < 4096 - 150)
+    ad = ad[np.flatnonzero(inside)[:20]].copy()
+    ad.obsm["spatial"] = ad.obsm["spatial"] - [x0, y0]
+    # lazy source, two forked workers reading tiles concurrently (each reopens the file)
+    lazy = stfm.pp.extract_features(ad, lite0, img=path, batch_size=4, num_workers=2, inplace=False, cache=False)
+    mem = stfm.pp.extract_features(ad, lite0, img=crop, batch_size=8, num_workers=0, inplace=False, cache=False)
+    np.testing.assert_allclose(lazy, mem, rtol=1e-5, atol=1e-6)
+
+
+def test_spatialdata_input_matches_anndata(b4_small, lite0, b4_image):
+    sdata = stfm.io.to_spatialdata(b4_small, fullres_image=b4_image)
+    ref = stfm.pp.extract_features(b4_small, lite0, inplace=False, cache=False)
+    assert stfm.pp.extract_features(sdata, lite0, key_added="X_lite0", cache=False) is None
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(table.obsm["X_lite0"], ref, rtol=1e-5, atol=1e-6)
+    prov = table.uns["stfm"]["X_lite0"]
+    assert prov["image_key"] == "B4_full_image" and prov["shapes_key"] == "B4" and prov["table_key"] == "table"
+
+    # coordinates from the shapes' centroids when the table has no obsm['spatial']
+    del table.obsm["spatial"]
+    again = stfm.pp.extract_features(sdata, lite0, inplace=False, cache=False)
+    np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(KeyError, match="Available images"):
+        stfm.pp.extract_features(sdata, lite0, image_key="nope")
+    with pytest.raises(ValueError, match="image_key"):
+        stfm.pp.extract_features(sdata, lite0, img=b4_image)
+
+
+def test_cache_second_call_runs_no_forward(b4_small, lite0, monkeypatch, tmp_path):
+    monkeypatch.setattr(stfm.settings, "cache_dir", tmp_path)
+    calls = {"n": 0}
+    original = type(lite0).forward
+
+    def counting_forward(self, x):
+        calls["n"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(type(lite0), "forward", counting_forward)
+    ad = b4_small.copy()
+    stfm.pp.extract_features(ad, lite0)
+    assert calls["n"] > 0
+    first = ad.obsm[KEY].copy()
+    files = sorted((tmp_path / "features").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npy"  # no temporary file left behind
+
+    calls["n"] = 0
+    ad2 = b4_small.copy()
+    stfm.pp.extract_features(ad2, lite0)
+    assert calls["n"] == 0  # served from the cache: no forward pass
+    np.testing.assert_array_equal(ad2.obsm[KEY], first)
+    assert ad2.uns["stfm"][KEY]["cache_hit"] is True
+
+    # a different geometry is a different entry
+    stfm.pp.extract_features(ad2, lite0, mpp=1.0, key_added="X_lite0_1um")
+    assert calls["n"] > 0
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+    assert ad2.uns["stfm"]["X_lite0_1um"]["tile_um"] == pytest.approx(224.0)
+
+
+def test_copy_inplace_semantics(b4, lite0):
+    ad = _subset(b4, 4)
+    feats = stfm.pp.extract_features(ad, lite0, inplace=False)
+    assert isinstance(feats, np.ndarray) and feats.shape == (4, 1280)
+    assert KEY not in ad.obsm and "stfm" not in ad.uns
+    out = stfm.pp.extract_features(ad, lite0, copy=True)
+    assert out is not ad and KEY in out.obsm and KEY not in ad.obsm
+    np.testing.assert_array_equal(out.obsm[KEY], feats)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        stfm.pp.extract_features(ad, lite0, copy=True, inplace=False)
+    with pytest.raises(ValueError, match="naming rules"):
+        stfm.pp.extract_features(ad, lite0, key_added="X uni/2")
+
+
+def test_border_tiles_padded_and_counted(b4, lite0):
+    ad = _subset(b4, 3)
+    ad.obsm["spatial"][0] = [5.0, 5.0]  # a tile centred 5 px from the corner
+    with pytest.warns(UserWarning, match="1 of 3 tiles .* padded"):
+        stfm.pp.extract_features(ad, lite0, cache=False)
+    assert ad.uns["stfm"][KEY]["n_tiles_padded"] == 1
+
+
+def test_hires_used_only_when_fine_enough(b4, lite0):
+    ad = _subset(b4, 3)
+    del ad.uns["spatial"]["B4"]["metadata"]["source_image_path"]
+    # B4's hires image is ~3.4 µm/px: too coarse for 0.5 µm/px tiles
+    with pytest.raises(ValueError, match="too coarse.*Pass the full-resolution H&E as `img=`"):
+        stfm.pp.extract_features(ad, lite0)
+    # ...but fine enough for tiles at 4 µm/px, which uses it with a warning
+    with pytest.warns(UserWarning, match="using the hires image"):
+        stfm.pp.extract_features(ad, lite0, mpp=4.0, cache=False)
+    assert ad.uns["stfm"][KEY]["image"] == "hires"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input → clear errors
+
+
+def test_error_no_image(b4, lite0):
+    ad = _subset(b4, 3)
+    del ad.uns["spatial"]["B4"]["metadata"]["source_image_path"]
+    ad.uns["spatial"]["B4"]["images"] = {}
+    with pytest.raises(ValueError, match="No image found for library 'B4'.*`img=`"):
+        stfm.pp.extract_features(ad, lite0)
+    ad.uns["spatial"]["B4"]["metadata"]["source_image_path"] = "/nonexistent/B4.jpg"
+    with pytest.raises(ValueError, match="does not exist"):
+        stfm.pp.extract_features(ad, lite0)
+
+
+def test_error_mpp_unknown(b4, lite0):
+    ad = _subset(b4, 3)
+    sf = ad.uns["spatial"]["B4"]["scalefactors"]
+    del sf["microns_per_pixel"], sf["spot_diameter_fullres"]
+    with pytest.raises(ValueError, match="µm per pixel is unknown.*slide_mpp="):
+        stfm.pp.extract_features(ad, lite0)
+
+
+def test_warning_mpp_inconsistent_with_spot_diameter(b4, lite0):
+    ad = _subset(b4, 3)
+    ad.uns["spatial"]["B4"]["scalefactors"]["microns_per_pixel"] = 0.4  # true value ≈ 0.688
+    with pytest.warns(UserWarning, match="inconsistent with the spot diameter.*legacy ST spots are 100 µm"):
+        stfm.pp.extract_features(ad, lite0, cache=False)
+
+
+def test_error_spots_outside_image(b4, lite0):
+    ad = _subset(b4, 3)
+    ad.obsm["spatial"] = ad.obsm["spatial"] + [20_000, 0]
+    with pytest.raises(ValueError, match="3 of 3 spots lie outside the image"):
+        stfm.pp.extract_features(ad, lite0)
+    assert KEY not in ad.obsm
+
+
+def test_error_unknown_encoder(b4):
+    ad = _subset(b4, 3)
+    with pytest.raises(KeyError, match="Unknown encoder 'not_an_encoder'.*Known keys.*efficientnet_lite0"):
+        stfm.pp.extract_features(ad, "not_an_encoder")
+    assert "stfm" not in ad.uns
+
+
+def test_error_custom_model_wrong_shape(b4):
+    class SpatialMap(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :, :4, :4].float()
+
+    transform = {"tile_px": 224, "mpp": 0.5, "mean": (0.5,) * 3, "std": (0.5,) * 3, "embed_dim": 16}
+    enc = load_encoder(SpatialMap(), transform=transform)
+    ad = _subset(b4, 3)
+    with pytest.raises(ValueError, match=r"returned shape \(3, 3, 4, 4\); expected \(B, embed_dim\)"):
+        stfm.pp.extract_features(ad, enc, cache=False)
+    assert "stfm" not in ad.uns and not any(k.startswith("X_") for k in ad.obsm)
+
+
+def test_error_missing_spatial(b4, lite0):
+    ad = _subset(b4, 3)
+    del ad.obsm["spatial"]
+    with pytest.raises(KeyError, match=r"`obsm\['spatial'\]` not found"):
+        stfm.pp.extract_features(ad, lite0)
+
+
+def test_provenance_survives_h5ad(b4, lite0, tmp_path: Path):
+    import anndata as ad_
+
+    ad = _subset(b4, 3)
+    stfm.pp.extract_features(ad, lite0)
+    ad.write_h5ad(tmp_path / "x.h5ad")
+    back = ad_.read_h5ad(tmp_path / "x.h5ad")
+    np.testing.assert_array_equal(back.obsm[KEY], ad.obsm[KEY])
+    assert back.uns["stfm"][KEY]["tile_um"] == pytest.approx(112.0)
