@@ -54,7 +54,9 @@ def _read_level_in_blocks(src: ImageSource, level: int, block: int = 4096) -> np
 def detect_tissue(
     source: Any,
     *,
-    max_px: int = 2048,
+    slide_mpp: float | None = None,
+    mask_mpp: float = 8.0,
+    max_px: int = 4096,
     min_area_px: int | None = None,
     close_px: int = 3,
 ) -> tuple[np.ndarray, float]:
@@ -69,8 +71,13 @@ def detect_tissue(
     ----------
     source
         The slide (anything :func:`~stfm.data.open_image` accepts).
+    slide_mpp
+        µm per level-0 pixel; with it the mask is computed at ``mask_mpp`` µm per pixel (tissue scale,
+        where pale stroma between fibres still closes into one region), else on a 1024-px thumbnail.
+    mask_mpp
+        µm per mask pixel when ``slide_mpp`` is known.
     max_px
-        Longest side of the thumbnail the mask is computed on.
+        Upper bound on the longest side of the thumbnail the mask is computed on.
     min_area_px
         Smallest tissue component kept, in thumbnail pixels (default: 0.05 % of the thumbnail).
     close_px
@@ -84,7 +91,12 @@ def detect_tissue(
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    thumb, downsample = thumbnail(source, max_px=max_px)
+    src = open_image(source)
+    if slide_mpp is not None:
+        side = int(np.ceil(max(src.shape) * float(slide_mpp) / float(mask_mpp)))
+    else:
+        side = 1024
+    thumb, downsample = thumbnail(src, max_px=max(16, min(int(max_px), side)))
     hsv = rgb2hsv(thumb)
     sat, val = hsv[..., 1], hsv[..., 2]
     bright_bg = val > 0.92

@@ -34,7 +34,7 @@ def make_tiles(
     tile_px: int = 224,
     stride_um: float | None = None,
     min_tissue_fraction: float = 0.5,
-    max_px: int = 2048,
+    max_px: int = 4096,
     shapes_key: str = "tiles",
     table_key: str | None = None,
     copy: bool = False,
@@ -69,7 +69,8 @@ def make_tiles(
     min_tissue_fraction
         Keep a tile when at least this fraction of its area is tissue.
     max_px
-        Longest side of the thumbnail on which tissue is detected.
+        Upper bound on the longest side of the thumbnail on which tissue is detected (it is computed at
+        about 8 µm per pixel, see :func:`stfm.data.detect_tissue`).
     shapes_key
         Name of the new shapes element.
     table_key
@@ -149,7 +150,7 @@ def make_tiles(
         transformations = None
 
     side_px = tile_um / slide_mpp
-    mask, mask_ds = detect_tissue(source, max_px=max_px)
+    mask, mask_ds = detect_tissue(source, slide_mpp=slide_mpp, max_px=max_px)
     xy, frac = tile_grid(mask, mask_ds, side_px, shape=source.shape, min_tissue_fraction=min_tissue_fraction, stride_px=stride_um / slide_mpp)
     if len(xy) == 0:
         msg = (
