@@ -1,0 +1,398 @@
+"""``CancerClassifier``: tumour vs non-tumour per spot from image ⊕ expression ⊕ spatial context (scvi-tools)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import NumericalObsField, ObsmField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from .._logging import logger
+from ..module._cancer import TENSOR_KEYS, CancerModule
+from ..tl._context import pool_context
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["CancerClassifier", "label_to_target"]
+
+_PREPARED = "_stfm_cancer_tokens"
+_K = {
+    TENSOR_KEYS.IMAGE: "_stfm_cancer_image",
+    TENSOR_KEYS.IMAGE_CTX: "_stfm_cancer_image_ctx",
+    TENSOR_KEYS.IMAGE_MASK: "_stfm_cancer_image_ctx_mask",
+    TENSOR_KEYS.HAS_IMAGE: "_stfm_cancer_has_image",
+    TENSOR_KEYS.EXPR: "_stfm_cancer_expression",
+    TENSOR_KEYS.EXPR_CTX: "_stfm_cancer_expression_ctx",
+    TENSOR_KEYS.EXPR_MASK: "_stfm_cancer_expression_ctx_mask",
+    TENSOR_KEYS.HAS_EXPR: "_stfm_cancer_has_expression",
+    TENSOR_KEYS.LABEL: "_stfm_cancer_label",
+}
+
+
+def label_to_target(labels: pd.Series, positive: Sequence[str], ignore: Sequence[str]) -> np.ndarray:
+    """1.0 for ``positive`` labels, NaN for ``ignore`` labels and missing values, 0.0 for every other label."""
+    lab = labels.astype("object")
+    y = np.where(lab.isin(list(positive)), 1.0, 0.0).astype(np.float32)
+    y[(lab.isin(list(ignore)) | lab.isna()).to_numpy()] = np.nan
+    return y
+
+
+def _modality_tokens(
+    adata: AnnData, key: str | None, n_dim: int | None, *, coords, groups, scales, n_sectors
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Own embedding (zero where missing), flattened context tokens, context mask, presence flag."""
+    n = adata.n_obs
+    n_ctx = len(scales) * n_sectors
+    if key is None or key not in adata.obsm:
+        d = int(n_dim or 0)
+        return (np.zeros((n, d), np.float32), np.zeros((n, n_ctx * d), np.float32),
+                np.zeros((n, n_ctx), np.float32), np.zeros(n, np.float32))  # fmt: skip
+    x = np.asarray(adata.obsm[key], dtype=np.float32)
+    present = np.isfinite(x).all(axis=1)
+    x = np.where(present[:, None], x, 0.0).astype(np.float32)
+    # pool [x, 1] over neighbours that have the embedding: mean over present neighbours = sum_x / sum_1
+    aug = np.concatenate([x, present[:, None].astype(np.float32)], axis=1)
+    tokens, _ = pool_context(coords, aug, scales=scales, n_sectors=n_sectors, groups=groups)
+    frac = tokens[..., -1]
+    ctx_mask = (frac > 0).astype(np.float32)
+    ctx = np.where(frac[..., None] > 0, tokens[..., :-1] / np.maximum(frac[..., None], 1e-12), 0.0).astype(np.float32)
+    return x, ctx.reshape(n, -1), ctx_mask, present.astype(np.float32)
+
+
+class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
+    """Tumour / non-tumour classifier fusing a histology embedding, an expression embedding and their context.
+
+    SpaCancer-style fusion on scvi-tools infrastructure (``AnnDataManager`` fields, ``TrainingPlan`` /
+    ``TrainRunner``, ``save``/``load``); the network is :class:`stfm.module.CancerModule`. For every spot the
+    model attends over real tokens: its own image and expression embeddings and, for each modality, one
+    pooled context token per (scale ring × angular sector) of neighbours
+    (:func:`stfm.tl._context.pool_context`). Either modality may be missing at inference.
+
+    The decision threshold is not learnt from the training loss: :meth:`set_threshold` stores a Platt
+    calibration and a threshold chosen on validation scores (see :func:`stfm.tl.fit_cancer_model`, which
+    computes them on whole reference sections held out in turn). They are saved and loaded with the model.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Registry of a saved model (used by :meth:`load` without data).
+    d_model, n_heads, n_layers, dropout, modality_dropout, contrastive_weight, learn_temperature
+        Passed to :class:`~stfm.module.CancerModule`.
+    pos_weight
+        Positive-class BCE weight; ``None`` = ``n_negative / n_positive`` of the registered labels.
+    """
+
+    _module_cls = CancerModule
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        *,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+        modality_dropout: float = 0.3,
+        contrastive_weight: float = 0.1,
+        learn_temperature: bool = True,
+        pos_weight: float | None = None,
+    ) -> None:
+        super().__init__(adata, registry=registry)
+        stats = self.summary_stats
+        n_image = int(stats.get(f"n_{TENSOR_KEYS.IMAGE}", 0))
+        n_expr = int(stats.get(f"n_{TENSOR_KEYS.EXPR}", 0))
+        n_ctx = int(stats.get(f"n_{TENSOR_KEYS.IMAGE_MASK}", stats.get(f"n_{TENSOR_KEYS.EXPR_MASK}", 0)))
+        if pos_weight is None and adata is not None:
+            y = np.asarray(adata.obs[_K[TENSOR_KEYS.LABEL]], dtype=np.float64)
+            n_pos, n_neg = np.nansum(y == 1), np.nansum(y == 0)
+            pos_weight = float(n_neg / n_pos) if n_pos > 0 and n_neg > 0 else 1.0
+        self.module = self._module_cls(
+            n_image, n_expr, n_ctx, d_model=d_model, n_heads=n_heads, n_layers=n_layers, dropout=dropout,
+            modality_dropout=modality_dropout, contrastive_weight=contrastive_weight,
+            pos_weight=1.0 if pos_weight is None else pos_weight, learn_temperature=learn_temperature,
+        )  # fmt: skip
+        if adata is not None:
+            self.module.set_standardisation(
+                image=self._stats(adata, TENSOR_KEYS.IMAGE, TENSOR_KEYS.HAS_IMAGE) if n_image else None,
+                expression=self._stats(adata, TENSOR_KEYS.EXPR, TENSOR_KEYS.HAS_EXPR) if n_expr else None,
+            )
+        self.token_config_ = dict(self.registry_["setup_args"])
+        self.n_image_, self.n_expression_ = n_image, n_expr
+        self.threshold_: float = 0.5
+        self.calibration_: dict[str, Any] = {"method": "none", "a": 1.0, "b": 0.0}
+        self._model_summary_string = (
+            f"CancerClassifier: image dim {n_image}, expression dim {n_expr}, {n_ctx} context tokens per modality, "
+            f"d_model {d_model}, {n_layers} layers"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    @staticmethod
+    def _stats(adata: AnnData, key: str, has_key: str) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(adata.obsm[_K[key]], dtype=np.float64)
+        has = np.asarray(adata.obs[_K[has_key]]) > 0.5
+        x = x[has] if has.any() else x
+        return x.mean(0), x.std(0) + 1e-6
+
+    # -- data registration ---------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        image_key: str | None = None,
+        expression_key: str | None = None,
+        label_key: str | None = None,
+        positive: Sequence[str] = ("invasive cancer", "cancer in situ"),
+        ignore: Sequence[str] = ("undetermined",),
+        section_key: str | None = None,
+        spatial_key: str = "spatial",
+        scales: Sequence[float] = (1.0, 2.0, 4.0),
+        n_sectors: int = 4,
+        image_dim: int | None = None,
+        expression_dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Compute the token arrays and register them.
+
+        Writes private slots into ``adata`` (``obsm['_stfm_cancer_*']``, ``obs['_stfm_cancer_*']``): each
+        modality's embedding (zero where a spot has none, with a presence flag), its context tokens flattened
+        to ``(n_obs, n_scales * n_sectors * dim)`` and their mask, and the target (1 = ``positive``, 0 = any other
+        label, NaN = ``ignore`` or missing; NaN targets carry no loss).
+
+        Parameters
+        ----------
+        adata
+            Spots of one or more sections.
+        image_key, expression_key
+            ``obsm`` keys of the image and expression embeddings (at least one).
+        label_key
+            ``obs`` column of annotations (``None`` for unlabelled data).
+        positive, ignore
+            Label names counted as tumour, and left out of the loss.
+        section_key
+            ``obs`` column naming each spot's section (context is pooled within a section); ``None`` = one section.
+        spatial_key
+            ``obsm`` key of spot coordinates.
+        scales, n_sectors
+            Context rings (in spot pitches) and angular sectors, see :func:`stfm.tl._context.pool_context`.
+        image_dim, expression_dim
+            Embedding dimension to use when the modality is absent from ``adata`` (set by the model on query data).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if image_key is None and expression_key is None:
+            msg = "Expected at least one of `image_key` and `expression_key`, found neither."
+            raise ValueError(msg)
+        config = {"image_key": image_key, "expression_key": expression_key, "scales": list(map(float, scales)),
+                  "n_sectors": int(n_sectors)}  # fmt: skip
+        if adata.uns.get(_PREPARED) != repr(config):
+            cls._prepare(adata, image_key=image_key, expression_key=expression_key, label_key=label_key,
+                         positive=positive, ignore=ignore, section_key=section_key, spatial_key=spatial_key,
+                         scales=scales, n_sectors=n_sectors, image_dim=image_dim, expression_dim=expression_dim)  # fmt: skip
+            adata.uns[_PREPARED] = repr(config)
+        fields = []
+        if image_key is not None:
+            fields += [ObsmField(TENSOR_KEYS.IMAGE, _K[TENSOR_KEYS.IMAGE]),
+                       ObsmField(TENSOR_KEYS.IMAGE_CTX, _K[TENSOR_KEYS.IMAGE_CTX]),
+                       ObsmField(TENSOR_KEYS.IMAGE_MASK, _K[TENSOR_KEYS.IMAGE_MASK]),
+                       NumericalObsField(TENSOR_KEYS.HAS_IMAGE, _K[TENSOR_KEYS.HAS_IMAGE])]  # fmt: skip
+        if expression_key is not None:
+            fields += [ObsmField(TENSOR_KEYS.EXPR, _K[TENSOR_KEYS.EXPR]),
+                       ObsmField(TENSOR_KEYS.EXPR_CTX, _K[TENSOR_KEYS.EXPR_CTX]),
+                       ObsmField(TENSOR_KEYS.EXPR_MASK, _K[TENSOR_KEYS.EXPR_MASK]),
+                       NumericalObsField(TENSOR_KEYS.HAS_EXPR, _K[TENSOR_KEYS.HAS_EXPR])]  # fmt: skip
+        fields.append(NumericalObsField(TENSOR_KEYS.LABEL, _K[TENSOR_KEYS.LABEL]))
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @staticmethod
+    def _prepare(adata, *, image_key, expression_key, label_key, positive, ignore, section_key, spatial_key,
+                 scales, n_sectors, image_dim, expression_dim) -> None:  # fmt: skip
+        if spatial_key not in adata.obsm:
+            msg = (
+                f"`obsm[{spatial_key!r}]` not found: spot coordinates are needed for the spatial context. "
+                f"Available obsm keys: {sorted(adata.obsm)}. Read the section with `stfm.datasets.her2st` / "
+                "`squidpy.read.visium`, or set `obsm['spatial']` to (x, y) spot centres."
+            )
+            raise KeyError(msg)
+        coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+        groups = None
+        if section_key is not None and section_key in adata.obs:
+            groups = adata.obs[section_key].astype(str).to_numpy()
+        geo = {"coords": coords, "groups": groups, "scales": tuple(scales), "n_sectors": int(n_sectors)}
+        for key, dim, names in (
+            (image_key, image_dim, (TENSOR_KEYS.IMAGE, TENSOR_KEYS.IMAGE_CTX, TENSOR_KEYS.IMAGE_MASK, TENSOR_KEYS.HAS_IMAGE)),
+            (expression_key, expression_dim, (TENSOR_KEYS.EXPR, TENSOR_KEYS.EXPR_CTX, TENSOR_KEYS.EXPR_MASK, TENSOR_KEYS.HAS_EXPR)),
+        ):
+            if key is None:
+                continue
+            own, ctx, mask, has = _modality_tokens(adata, key, dim, **geo)
+            adata.obsm[_K[names[0]]] = own
+            adata.obsm[_K[names[1]]] = ctx
+            adata.obsm[_K[names[2]]] = mask
+            adata.obs[_K[names[3]]] = has
+        if label_key is not None and label_key in adata.obs:
+            adata.obs[_K[TENSOR_KEYS.LABEL]] = label_to_target(adata.obs[label_key], positive, ignore)
+        else:
+            adata.obs[_K[TENSOR_KEYS.LABEL]] = np.full(adata.n_obs, np.nan, dtype=np.float32)
+
+    # -- inference -------------------------------------------------------------------------------------
+    def _query_tokens(self, adata: AnnData) -> AnnData:
+        """A fresh token AnnData for ``adata`` (its spots, coordinates and embeddings; ``adata`` untouched)."""
+        cfg = self.token_config_
+        spatial_key = cfg.get("spatial_key", "spatial")
+        section_key = cfg.get("section_key")
+        tmp = AnnData(obs=pd.DataFrame(index=adata.obs_names.astype(str)))
+        if section_key is not None and section_key in adata.obs:
+            tmp.obs[section_key] = adata.obs[section_key].astype(str).to_numpy()
+        if spatial_key in adata.obsm:
+            tmp.obsm[spatial_key] = np.asarray(adata.obsm[spatial_key])
+        for key, n_dim, what in ((cfg.get("image_key"), self.n_image_, "image"),
+                                 (cfg.get("expression_key"), self.n_expression_, "expression")):  # fmt: skip
+            if key is not None and key in adata.obsm:
+                x = np.asarray(adata.obsm[key])
+                if x.ndim != 2 or x.shape[1] != n_dim:
+                    msg = (
+                        f"`obsm[{key!r}]` has dimension {x.shape[1] if x.ndim == 2 else x.shape}, but the model's {what} "
+                        f"embedding has dimension {n_dim}. Compute the query's {what} embedding the same way as the "
+                        "reference's (same encoder / same expression embedding fit)."
+                    )
+                    raise ValueError(msg)
+                tmp.obsm[key] = x
+        self._prepare(
+            tmp, image_key=cfg.get("image_key"), expression_key=cfg.get("expression_key"), label_key=None,
+            positive=(), ignore=(), section_key=section_key, spatial_key=spatial_key, scales=cfg["scales"],
+            n_sectors=cfg["n_sectors"], image_dim=self.n_image_, expression_dim=self.n_expression_,
+        )  # fmt: skip
+        tmp.uns[_PREPARED] = repr({"image_key": cfg.get("image_key"), "expression_key": cfg.get("expression_key"),
+                                   "scales": list(map(float, cfg["scales"])), "n_sectors": int(cfg["n_sectors"])})  # fmt: skip
+        return tmp
+
+    @torch.inference_mode()
+    def predict_logits(self, adata: AnnData | None = None, *, batch_size: int | None = None) -> np.ndarray:
+        """Uncalibrated logits per spot of ``adata`` (default: the registered data), in ``adata.obs`` order."""
+        if adata is None:
+            adata = self.adata
+        elif adata.uns.get(_PREPARED) is None:
+            adata = self._query_tokens(adata)
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, batch_size=batch_size or 512, shuffle=False)
+        self.module.eval()
+        out = []
+        for tensors in loader:
+            inputs = self.module._get_inference_input(tensors)
+            out.append(self.module.inference(**inputs)["logit"].float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Map logits to calibrated tumour probabilities with the stored Platt scaling ``σ(a · logit + b)``."""
+        a, b = float(self.calibration_["a"]), float(self.calibration_["b"])
+        z = np.clip(a * np.asarray(logits, dtype=np.float64) + b, -50, 50)
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+    def predict(self, adata: AnnData | None = None, *, batch_size: int | None = None) -> np.ndarray:
+        """Calibrated tumour probability per spot (in [0, 1]); compare with :attr:`threshold_`."""
+        return self.calibrate(self.predict_logits(adata, batch_size=batch_size))
+
+    def set_threshold(
+        self,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        *,
+        calibration: Literal["platt", "none"] = "platt",
+        criterion: Literal["f1", "youden"] = "f1",
+    ) -> float:
+        """Fit the calibration on validation logits and store the threshold that maximises ``criterion``.
+
+        ``logits`` must come from spots the model (or the fold models that produced them) was not trained on,
+        e.g. whole held-out reference sections. The threshold is on the calibrated probability, so it is
+        applied the same way to every new section; no query label is ever read.
+
+        Returns
+        -------
+        The threshold (also stored in :attr:`threshold_`, with the calibration in :attr:`calibration_`).
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        logits = np.asarray(logits, dtype=np.float64).ravel()
+        labels = np.asarray(labels, dtype=np.float64).ravel()
+        keep = np.isfinite(labels) & np.isfinite(logits)
+        logits, labels = logits[keep], labels[keep].astype(int)
+        if np.unique(labels).size < 2:
+            msg = f"Validation labels must contain both classes to choose a threshold, found only {np.unique(labels).tolist()}."
+            raise ValueError(msg)
+        if calibration == "platt":
+            lr = LogisticRegression(C=1e4).fit(logits[:, None], labels)
+            a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+            if a <= 0:
+                # a calibration must keep the ranking: validation logits that do not separate the classes give no
+                # usable slope, so keep the model's own probabilities (identity map) and only choose the threshold
+                logger.warning("Platt fit on validation logits has slope %.3g <= 0; keeping uncalibrated probabilities.", a)
+                self.calibration_ = {"method": "none (platt slope <= 0)", "a": 1.0, "b": 0.0}
+            else:
+                self.calibration_ = {"method": "platt", "a": a, "b": b}
+        else:
+            self.calibration_ = {"method": "none", "a": 1.0, "b": 0.0}
+        p = self.calibrate(logits).astype(np.float64)
+        cand = np.unique(p)
+        best, best_t = -1.0, 0.5
+        for t in cand:
+            pred = p >= t
+            tp = np.sum(pred & (labels == 1))
+            fp = np.sum(pred & (labels == 0))
+            fn = np.sum(~pred & (labels == 1))
+            tn = np.sum(~pred & (labels == 0))
+            if criterion == "f1":
+                val = 2 * tp / max(2 * tp + fp + fn, 1)
+            else:
+                val = tp / max(tp + fn, 1) + tn / max(tn + fp, 1) - 1
+            if val > best + 1e-12:
+                best, best_t = val, float(t)
+        # centre the threshold between the chosen score and the next lower validation score
+        lower = cand[cand < best_t]
+        self.threshold_ = float((best_t + lower.max()) / 2) if lower.size else float(best_t)
+        self.calibration_["criterion"] = criterion
+        self.calibration_["validation_score"] = float(best)
+        self.calibration_["n_validation"] = int(labels.size)
+        logger.info("cancer threshold %.3f (%s on %d validation spots, %s calibration)", self.threshold_, criterion, labels.size, calibration)
+        return self.threshold_
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, dir_path: str | os.PathLike[str], *, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save weights, registry, threshold and calibration (never the training AnnData).
+
+        The directory is written to a temporary sibling first and renamed, so a failed save leaves nothing behind.
+        """
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        dir_path = Path(dir_path)
+        if dir_path.exists() and not overwrite:
+            msg = f"{str(dir_path)!r} already exists. Pass `overwrite=True` or choose another directory."
+            raise ValueError(msg)
+        dir_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".stfm_cancer_", dir=dir_path.parent))
+        try:
+            super().save(str(tmp / "model"), overwrite=True, save_anndata=False, **kwargs)
+            if dir_path.exists():
+                shutil.rmtree(dir_path)
+            (tmp / "model").rename(dir_path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike[str], adata: AnnData | None = None, **kwargs: Any) -> CancerClassifier:
+        """Load a saved classifier; ``adata`` is optional (queries are passed to :meth:`predict`)."""
+        return super().load(str(dir_path), adata=adata if adata is not None else False, **kwargs)

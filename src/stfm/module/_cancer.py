@@ -1,0 +1,238 @@
+"""Torch module of :class:`stfm.model.CancerClassifier`: attention fusion of image, expression and context tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+
+__all__ = ["TENSOR_KEYS", "CancerModule"]
+
+
+class TENSOR_KEYS:
+    """Registry keys of the tensors :class:`CancerModule` reads (set by ``CancerClassifier.setup_anndata``)."""
+
+    IMAGE = "image"
+    IMAGE_CTX = "image_ctx"
+    IMAGE_MASK = "image_ctx_mask"
+    HAS_IMAGE = "has_image"
+    EXPR = "expression"
+    EXPR_CTX = "expression_ctx"
+    EXPR_MASK = "expression_ctx_mask"
+    HAS_EXPR = "has_expression"
+    LABEL = "cancer_label"
+
+
+class _ModalityEncoder(nn.Module):
+    """Standardise (reference mean / std buffers), then project an embedding to ``d_model``."""
+
+    def __init__(self, n_input: int, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_input))
+        self.register_buffer("std", torch.ones(n_input))
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(n_input, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.drop((x - self.mean) / self.std))
+
+
+class CancerModule(BaseModuleClass):
+    """Transformer fusion over real tokens, BCE + InfoNCE(image ↔ expression).
+
+    Tokens of one spot: a learned ``[CLS]`` token; the spot's own image and expression embeddings; the
+    pooled context tokens of each modality (one per scale ring × angular sector, see
+    :func:`stfm.tl._context.pool_context`). Each token gets a learned position embedding saying which slot
+    it is (modality, self/ring, sector). A small transformer encoder attends over the tokens with a padding
+    mask: a modality the spot lacks, or a context bin without neighbours, is masked out, never zero-filled.
+    The ``[CLS]`` output feeds the classifier.
+
+    Training extras: *modality dropout* (for a spot with both modalities, the whole image or the whole
+    expression side is masked with probability ``modality_dropout / 2`` each), so that either modality may
+    be missing at inference; and InfoNCE between the projected image and expression embeddings of the spots
+    that have both (learnable temperature, initialised at 0.07).
+
+    Parameters
+    ----------
+    n_image
+        Image embedding dimension (0 = the model has no image side).
+    n_expression
+        Expression embedding dimension (0 = no expression side).
+    n_context
+        Number of context tokens per modality (scales × sectors; 0 = no context).
+    d_model
+        Token width.
+    n_heads
+        Attention heads.
+    n_layers
+        Transformer encoder layers.
+    dropout
+        Dropout inside the encoder and on the inputs.
+    modality_dropout
+        Probability, per training spot with both modalities, of masking one of them.
+    contrastive_weight
+        λ of the InfoNCE term.
+    pos_weight
+        Weight of the positive class in the BCE (``n_negative / n_positive`` of the training labels balances them).
+    learn_temperature
+        Learn the InfoNCE temperature (else fixed at 0.07).
+    """
+
+    def __init__(
+        self,
+        n_image: int,
+        n_expression: int,
+        n_context: int,
+        *,
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+        modality_dropout: float = 0.3,
+        contrastive_weight: float = 0.1,
+        pos_weight: float = 1.0,
+        learn_temperature: bool = True,
+    ) -> None:
+        super().__init__()
+        if n_image <= 0 and n_expression <= 0:
+            msg = "CancerModule needs at least one modality: `n_image` or `n_expression` must be > 0."
+            raise ValueError(msg)
+        self.n_image = int(n_image)
+        self.n_expression = int(n_expression)
+        self.n_context = int(n_context)
+        self.modality_dropout = float(modality_dropout)
+        self.contrastive_weight = float(contrastive_weight)
+        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+        self.image_encoder = _ModalityEncoder(n_image, d_model, dropout) if n_image > 0 else None
+        self.expr_encoder = _ModalityEncoder(n_expression, d_model, dropout) if n_expression > 0 else None
+        # slots: 0 cls, 1 image self, 2 expression self, 3.. image context, then expression context
+        self.n_tokens = 3 + 2 * self.n_context
+        self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.position = nn.Parameter(torch.randn(1, self.n_tokens, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model, n_heads, dim_feedforward=2 * d_model, dropout=dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, 1))
+        if n_image > 0 and n_expression > 0:
+            self.image_contrast = nn.Linear(d_model, d_model)
+            self.expr_contrast = nn.Linear(d_model, d_model)
+        else:
+            self.image_contrast = self.expr_contrast = None
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)), requires_grad=bool(learn_temperature))
+
+    def set_standardisation(self, *, image: tuple | None = None, expression: tuple | None = None) -> None:
+        """Store the reference mean / std of each embedding (applied before the projections)."""
+        for enc, stats in ((self.image_encoder, image), (self.expr_encoder, expression)):
+            if enc is not None and stats is not None:
+                mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in stats)
+                enc.mean.copy_(mean)
+                enc.std.copy_(torch.clamp(std, min=1e-6))
+
+    # -- scvi-tools module interface -----------------------------------------------------------------
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {k: tensors.get(k) for k in (
+            TENSOR_KEYS.IMAGE, TENSOR_KEYS.IMAGE_CTX, TENSOR_KEYS.IMAGE_MASK, TENSOR_KEYS.HAS_IMAGE,
+            TENSOR_KEYS.EXPR, TENSOR_KEYS.EXPR_CTX, TENSOR_KEYS.EXPR_MASK, TENSOR_KEYS.HAS_EXPR,
+        )}  # fmt: skip
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict:
+        return {}
+
+    def _side(self, enc, x, ctx, ctx_mask, has, n_batch, device):
+        d_model = self.cls.shape[-1]
+        if enc is None or x is None:
+            tokens = torch.zeros(n_batch, 1 + self.n_context, d_model, device=device)
+            present = torch.zeros(n_batch, 1 + self.n_context, dtype=torch.bool, device=device)
+            return tokens, present, None
+        has = has.reshape(-1) > 0.5
+        own = enc(x).unsqueeze(1)
+        if self.n_context > 0:
+            ctx = ctx.reshape(n_batch, self.n_context, -1)
+            ctx_tokens = enc(ctx)
+            ctx_present = ctx_mask > 0.5
+            tokens = torch.cat([own, ctx_tokens], dim=1)
+            present = torch.cat([has.unsqueeze(1), ctx_present], dim=1)
+        else:
+            tokens, present = own, has.unsqueeze(1)
+        return tokens, present, own.squeeze(1)
+
+    @auto_move_data
+    def inference(
+        self,
+        image=None,
+        image_ctx=None,
+        image_ctx_mask=None,
+        has_image=None,
+        expression=None,
+        expression_ctx=None,
+        expression_ctx_mask=None,
+        has_expression=None,
+    ) -> dict[str, torch.Tensor]:
+        """Logit per spot from the attention-fused tokens (plus the projected embeddings for InfoNCE)."""
+        ref = image if image is not None else expression
+        n_batch, device = ref.shape[0], ref.device
+        ones = torch.ones(n_batch, 1, device=device)
+        has_image = ones if has_image is None else has_image
+        has_expression = ones if has_expression is None else has_expression
+        img_tok, img_present, img_own = self._side(self.image_encoder, image, image_ctx, image_ctx_mask, has_image, n_batch, device)
+        exp_tok, exp_present, exp_own = self._side(self.expr_encoder, expression, expression_ctx, expression_ctx_mask, has_expression, n_batch, device)
+        both = img_present[:, 0] & exp_present[:, 0]
+        if self.training and self.modality_dropout > 0:
+            u = torch.rand(n_batch, device=device)
+            drop_img = both & (u < self.modality_dropout / 2)
+            drop_exp = both & (u >= self.modality_dropout / 2) & (u < self.modality_dropout)
+            img_present = img_present & ~drop_img.unsqueeze(1)
+            exp_present = exp_present & ~drop_exp.unsqueeze(1)
+        # order: cls, image self, expression self, image context, expression context
+        tokens = torch.cat(
+            [self.cls.expand(n_batch, -1, -1), img_tok[:, :1], exp_tok[:, :1], img_tok[:, 1:], exp_tok[:, 1:]], dim=1
+        ) + self.position
+        present = torch.cat(
+            [torch.ones(n_batch, 1, dtype=torch.bool, device=device), img_present[:, :1], exp_present[:, :1],
+             img_present[:, 1:], exp_present[:, 1:]], dim=1,
+        )  # fmt: skip
+        hidden = self.encoder(tokens, src_key_padding_mask=~present)
+        logit = self.head(self.norm(hidden[:, 0])).squeeze(-1)
+        return {"logit": logit, "image_own": img_own, "expression_own": exp_own, "both": both}
+
+    def generative(self, **kwargs) -> dict:
+        """No generative model: the classifier is discriminative."""
+        return {}
+
+    def _info_nce(self, img: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+        zi = F.normalize(self.image_contrast(img), dim=-1)
+        ze = F.normalize(self.expr_contrast(exp), dim=-1)
+        logits = zi @ ze.T / self.log_temperature.exp().clamp(min=1e-3)
+        target = torch.arange(zi.shape[0], device=zi.device)
+        return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
+
+    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
+        """BCE (class-weighted) + λ · InfoNCE, per spot; the mean over the minibatch is optimised."""
+        logit = inference_outputs["logit"]
+        y = tensors[TENSOR_KEYS.LABEL].reshape(-1).float()
+        valid = torch.isfinite(y)
+        bce = F.binary_cross_entropy_with_logits(
+            logit, torch.where(valid, y, torch.zeros_like(y)), pos_weight=self.pos_weight, reduction="none"
+        ) * valid.float()
+        per_spot = bce
+        extra = {}
+        both = inference_outputs["both"]
+        if self.image_contrast is not None and int(both.sum()) >= 2:
+            nce = torch.zeros_like(bce)
+            nce[both] = self._info_nce(inference_outputs["image_own"][both], inference_outputs["expression_own"][both])
+            per_spot = bce + self.contrastive_weight * nce
+            extra["info_nce"] = nce[both].mean().detach()
+        loss = per_spot.sum() / valid.sum().clamp(min=1)
+        return LossOutput(loss=loss, reconstruction_loss=per_spot, extra_metrics=extra)
+
+    @torch.inference_mode()
+    def sample(self, tensors, n_samples: int = 1) -> torch.Tensor:
+        """Bernoulli draws of the tumour label from the predicted probabilities."""
+        inference_outputs, _ = self.forward(tensors, compute_loss=False)
+        p = torch.sigmoid(inference_outputs["logit"])
+        return torch.bernoulli(p.expand(n_samples, -1))
