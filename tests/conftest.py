@@ -10,7 +10,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-import stfm  # noqa: E402
+import stfm
 
 REPO = Path(__file__).resolve().parents[1]
 _DATA_DIR = os.environ.get("STFM_DATA_DIR") or (str(REPO.parent / "shared" / "data") if (REPO.parent / "shared" / "data").is_dir() else None)

@@ -135,3 +135,5 @@ def test_to_spatialdata_rejects_bad_names():
         stfm.io.to_spatialdata(adata, table_key="tab/le")
     with pytest.raises(ValueError, match=r"SpatialData element names must be unique"):
         stfm.io.to_spatialdata(adata, table_key="C1")
+    with pytest.raises(ValueError, match=r"differs only in case from the existing element 'C1'"):
+        stfm.io.to_spatialdata(adata, table_key="c1")

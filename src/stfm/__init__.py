@@ -17,7 +17,7 @@ _SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "encoders", "data", "model", 
 __all__ = [*_SUBMODULES, "__version__", "settings"]
 
 if TYPE_CHECKING:
-    from . import data, datasets, encoders, get, io, model, module, pl, pp, tl
+    from . import data, datasets, encoders, get, io, model, module, pl, pp, tl  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -30,7 +30,7 @@ def write_zarr_atomic(sdata, target: Path) -> None:
             sdata.write(staged)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(staged, target)
+        staged.replace(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

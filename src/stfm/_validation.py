@@ -9,8 +9,9 @@ from typing import Any
 __all__ = [
     "assert_key_in",
     "check_copy_inplace",
-    "check_valid_key",
     "check_positive",
+    "check_unique_name",
+    "check_valid_key",
 ]
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")

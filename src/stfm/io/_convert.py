@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._containers import get_library_id, get_table
-from .._validation import check_valid_key
+from .._validation import check_unique_name, check_valid_key
 from ._images import downsample
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ def to_spatialdata(
     if table_key == lib:
         msg = f"`table_key` {table_key!r} equals the shapes name; SpatialData element names must be unique."
         raise ValueError(msg)
+    check_unique_name(table_key, [lib, f"{lib}_full_image", f"{lib}_hires_image"], what="table_key")
 
     table = adata.copy()
     spatial = table.uns.get("spatial", {}).get(lib, {})
@@ -121,7 +122,7 @@ def to_anndata(
     from spatialdata.transformations import get_transformation
 
     table = get_table(sdata, table_key)
-    region, region_key, instance_key = get_table_keys(table)
+    region, _, instance_key = get_table_keys(table)
     lib = region if isinstance(region, str) else (region[0] if len(region) == 1 else None)
     if lib is None:
         msg = f"The table annotates several regions {list(region)}; convert one region at a time."
