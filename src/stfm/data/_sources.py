@@ -243,33 +243,33 @@ class LazyArraySource(ImageSource):
     def _read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         arr = self._arrays()[level]
         cyx = self.axes == "cyx" and len(arr.shape) == 3
-        if hasattr(arr, "dask") and hasattr(arr, "blocks"):  # dask array: whole chunks, cached
-            return self._read_dask(level, arr, y0, y1, x0, x1, cyx=cyx)
-        block = arr[:, y0:y1, x0:x1] if cyx else arr[y0:y1, x0:x1]
-        return _as_uint8_rgb(np.asarray(block), axes="cyx" if cyx else "yxc")
+        grid = _chunk_grid(arr, cyx=cyx)
+        if grid is None:
+            block = arr[:, y0:y1, x0:x1] if cyx else arr[y0:y1, x0:x1]
+            return _as_uint8_rgb(np.asarray(block), axes="cyx" if cyx else "yxc")
+        return self._read_chunked(level, arr, grid, y0, y1, x0, x1, cyx=cyx)
 
-    def _read_dask(self, level: int, arr: Any, y0: int, y1: int, x0: int, x1: int, *, cyx: bool) -> np.ndarray:
-        """Assemble the region from whole dask chunks, kept in a small per-process LRU cache.
+    def _read_chunked(self, level: int, arr: Any, grid: tuple[np.ndarray, np.ndarray], y0: int, y1: int, x0: int, x1: int, *, cyx: bool) -> np.ndarray:
+        """Assemble the region from whole chunks, kept in a small per-process LRU cache.
 
-        Computing a slice of a dask array costs a graph build plus a full chunk (decode, rechunk) every time;
-        neighbouring tiles share chunks, so each chunk is computed once while tiles are read in order.
+        Decoding a chunk (a JPEG tile of a TIFF, a compressed zarr chunk, a dask task) is the expensive part
+        of reading; neighbouring tiles share chunks, so each chunk is decoded about once when tiles are read
+        in spatial order.
         """
-        ya, xa = (1, 2) if cyx else (0, 1)
-        ybounds = np.cumsum((0, *arr.chunks[ya]))
-        xbounds = np.cumsum((0, *arr.chunks[xa]))
+        ybounds, xbounds = grid
         by0, by1 = np.searchsorted(ybounds, y0, "right") - 1, np.searchsorted(ybounds, y1 - 1, "right") - 1
         bx0, bx1 = np.searchsorted(xbounds, x0, "right") - 1, np.searchsorted(xbounds, x1 - 1, "right") - 1
         out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
         for by in range(by0, by1 + 1):
             for bx in range(bx0, bx1 + 1):
-                chunk = self._chunk(level, arr, int(by), int(bx), cyx=cyx)
-                cy0, cx0 = ybounds[by], xbounds[bx]
-                sy0, sy1 = max(y0, cy0), min(y1, ybounds[by + 1])
-                sx0, sx1 = max(x0, cx0), min(x1, xbounds[bx + 1])
+                cy0, cy1, cx0, cx1 = ybounds[by], ybounds[by + 1], xbounds[bx], xbounds[bx + 1]
+                chunk = self._chunk(level, arr, int(by), int(bx), (int(cy0), int(cy1), int(cx0), int(cx1)), cyx=cyx)
+                sy0, sy1 = max(y0, cy0), min(y1, cy1)
+                sx0, sx1 = max(x0, cx0), min(x1, cx1)
                 out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = chunk[sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0]
         return out
 
-    def _chunk(self, level: int, arr: Any, by: int, bx: int, *, cyx: bool) -> np.ndarray:
+    def _chunk(self, level: int, arr: Any, by: int, bx: int, box: tuple[int, int, int, int], *, cyx: bool) -> np.ndarray:
         cache = self.__dict__.setdefault("_chunk_cache", {})
         if cache.get("pid") != os.getpid():
             cache.clear()
@@ -280,18 +280,20 @@ class LazyArraySource(ImageSource):
         if key in lru:
             lru.move_to_end(key)
             return lru[key]
-        block = arr.blocks[(slice(None), by, bx) if cyx else (by, bx)]
-        data = np.asarray(block.compute(scheduler="synchronous"))
-        if not cyx and data.ndim == 3 and data.shape[-1] > 3:
-            data = data[..., :3]
-        data = _as_uint8_rgb(data, axes="cyx" if cyx else "yxc")
+        cy0, cy1, cx0, cx1 = box
+        if hasattr(arr, "dask"):
+            data = arr.blocks[(slice(None), by, bx) if cyx else (by, bx)].compute(scheduler="synchronous")
+        else:
+            data = arr[:, cy0:cy1, cx0:cx1] if cyx else arr[cy0:cy1, cx0:cx1]
+        data = _as_uint8_rgb(np.asarray(data), axes="cyx" if cyx else "yxc")
         lru[key] = np.ascontiguousarray(data)
-        while len(lru) > self.max_cached_chunks:
+        limit = max(2, int(self.chunk_cache_mb * 2**20 // max(1, lru[key].nbytes)))
+        while len(lru) > limit:
             lru.popitem(last=False)
         return lru[key]
 
-    #: Chunks kept per process by the dask reader (4096² RGB chunks: 48 MiB each).
-    max_cached_chunks = 6
+    #: Decoded chunks kept per process (MiB), e.g. 4 chunks of 4096² RGB, or 1,000 TIFF tiles of 512².
+    chunk_cache_mb = 256
 
     def fingerprint(self) -> str:
         """Shapes, the dask/zarr identity and a 3 × 3 grid of 64-px windows of level 0 (cheap on any backend)."""
@@ -367,6 +369,21 @@ class TiffSource(LazyArraySource):
         state = self.__dict__.copy()
         state.update(_tif=None, _zarrs=[], _pid=None)
         return state
+
+
+def _chunk_grid(arr: Any, *, cyx: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Chunk boundaries along y and x of a dask or zarr array (``None`` for anything else)."""
+    ya, xa = (1, 2) if cyx else (0, 1)
+    chunks = getattr(arr, "chunks", None)
+    if chunks is None:
+        return None
+    if hasattr(arr, "dask"):
+        return np.cumsum((0, *chunks[ya])), np.cumsum((0, *chunks[xa]))
+    if all(isinstance(c, int | np.integer) for c in chunks) and len(chunks) == len(arr.shape):
+        h, w = int(arr.shape[ya]), int(arr.shape[xa])
+        cy, cx = int(chunks[ya]), int(chunks[xa])
+        return np.append(np.arange(0, h, cy), h), np.append(np.arange(0, w, cx), w)
+    return None
 
 
 def _is_xarray(obj: Any) -> bool:
