@@ -71,7 +71,15 @@ def make_b4_tiff(out: Path) -> Path:
         level = img
         for k in range(4):
             kw = {"subfiletype": 1} if k else {"resolution": res, "resolutionunit": "CENTIMETER"}
-            tw.write(level, tile=(512, 512), compression="jpeg", compressionargs={"level": 90}, photometric="rgb", metadata=None, **kw)
+            tw.write(
+                level,
+                tile=(512, 512),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                metadata=None,
+                **kw,
+            )
             h, w = level.shape[:2]
             level = np.asarray(Image.fromarray(level).resize((w // 2, h // 2), Image.Resampling.BOX))
     tmp.rename(out)
@@ -127,7 +135,9 @@ def make_big_tiff(out: Path, size: int, mpp: float = 0.25, tile: int = 512) -> P
                 for j in range(f):
                     for i in range(f):
                         y0, x0 = ty * f + j, tx * f + i
-                        block[j * sub : (j + 1) * sub, i * sub : (i + 1) * sub] = small[choice[y0, x0]] if inside[y0, x0] else small_white
+                        block[j * sub : (j + 1) * sub, i * sub : (i + 1) * sub] = (
+                            small[choice[y0, x0]] if inside[y0, x0] else small_white
+                        )
                 yield block
 
     tmp = out.with_suffix(".tmp.tif")
@@ -135,7 +145,17 @@ def make_big_tiff(out: Path, size: int, mpp: float = 0.25, tile: int = 512) -> P
         for k in range(6):
             s = size // 2**k
             kw = {"subfiletype": 1} if k else {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
-            tw.write(tiles(k), shape=(s, s, 3), dtype="uint8", tile=(tile, tile), compression="jpeg", compressionargs={"level": 85}, photometric="rgb", metadata=None, **kw)
+            tw.write(
+                tiles(k),
+                shape=(s, s, 3),
+                dtype="uint8",
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": 85},
+                photometric="rgb",
+                metadata=None,
+                **kw,
+            )
     tmp.rename(out)
     return out
 
@@ -167,7 +187,9 @@ def worker_stfm(args) -> dict:
     xy = xy_all[_spread(len(xy_all), args.n_tiles)]
     ad = AnnData(np.zeros((len(xy), 0), np.float32))
     ad.obsm["spatial"] = xy
-    ad.uns["spatial"] = {"b4": {"scalefactors": {"microns_per_pixel": mpp}, "metadata": {"source_image_path": str(tiff)}}}
+    ad.uns["spatial"] = {
+        "b4": {"scalefactors": {"microns_per_pixel": mpp}, "metadata": {"source_image_path": str(tiff)}}
+    }
 
     # pre-cut uint8 tiles for the bare forward pass (same crops, same batch size)
     ds = TileDataset(tiff, xy, 112.0 / mpp, 224)
@@ -233,7 +255,6 @@ def worker_lazyslide(args) -> dict:
     sys.path.insert(0, args.lazyslide_path)
     import warnings
 
-    import numpy as np
     import torch
 
     warnings.simplefilter("ignore")
@@ -364,7 +385,18 @@ def main() -> None:
     _, mpp = b4_paths()
     tiff = make_b4_tiff(WORK / "b4_pyramid.tif")
     weights = lite0_timm_weights(WORK / "tf_efficientnet_lite0_lite0pkg.pth")
-    common = ["--tiff", str(tiff), "--mpp", str(mpp), "--n-tiles", str(args.n_tiles), "--weights", str(weights), "--lazyslide-path", args.lazyslide_path]
+    common = [
+        "--tiff",
+        str(tiff),
+        "--mpp",
+        str(mpp),
+        "--n-tiles",
+        str(args.n_tiles),
+        "--weights",
+        str(weights),
+        "--lazyslide-path",
+        args.lazyslide_path,
+    ]
     configs = [("stfm", "default", {"STFM_TUNE_MALLOC": "0"}), ("stfm", "tuned", {})]
     if not args.skip_lazyslide:
         configs += [("lazyslide", "default", {}), ("lazyslide", "tuned", TUNED_ENV)]
@@ -373,7 +405,10 @@ def main() -> None:
         for kind, alloc, env in configs:
             res = run_worker(kind, env, args, common)
             results[kind, alloc].append(res)
-            print(f"[repeat {r + 1}] {kind:9s} {alloc:7s} {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})}", flush=True)
+            print(
+                f"[repeat {r + 1}] {kind:9s} {alloc:7s} {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})}",
+                flush=True,
+            )
     big = None
     if not args.skip_big:
         t = time.perf_counter()
@@ -434,7 +469,10 @@ def write_report(args, results, big, mpp, total_s) -> None:
             )
     runs = results.get(("stfm", "tuned"), [])
     if runs:
-        lines += ["", f"A repeated call on B4 (feature cache hit, no forward pass) takes {median_of(runs, 'cached_call_s'):.2f} s including the cache-key hashing."]
+        lines += [
+            "",
+            f"A repeated call on B4 (feature cache hit, no forward pass) takes {median_of(runs, 'cached_call_s'):.2f} s including the cache-key hashing.",
+        ]
     lines += [
         "",
         "## 2. Side by side with LazySlide 0.13 (same TIFF, model, weights, batch size, tile count)",
@@ -452,7 +490,10 @@ def write_report(args, results, big, mpp, total_s) -> None:
             lines.append(f"| {alloc} | {a:.1f} | {b:.1f} | {b / a:.2f}× |")
     ls = results.get(("lazyslide", "default"), [])
     if ls:
-        lines += ["", f"LazySlide's own tissue grid on this slide: {ls[0]['n_tiles_found']} tiles; both tools were timed on {ls[0]['n_tiles']} tiles spread over their grids."]
+        lines += [
+            "",
+            f"LazySlide's own tissue grid on this slide: {ls[0]['n_tiles_found']} tiles; both tools were timed on {ls[0]['n_tiles']} tiles spread over their grids.",
+        ]
     if big:
         lines += [
             "",

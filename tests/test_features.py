@@ -31,8 +31,9 @@ def lite0():
 
 @pytest.fixture(scope="module")
 def b4_image():
-    from stfm.data import open_image
     from conftest import load_section
+
+    from stfm.data import open_image
 
     ad = load_section("B4")
     src = open_image(ad.uns["spatial"]["B4"]["metadata"]["source_image_path"])
@@ -210,7 +211,7 @@ def test_hires_used_only_when_fine_enough(b4, lite0):
     ad = _subset(b4, 3)
     del ad.uns["spatial"]["B4"]["metadata"]["source_image_path"]
     # B4's hires image is ~3.4 µm/px: too coarse for 0.5 µm/px tiles
-    with pytest.raises(ValueError, match="too coarse.*Pass the full-resolution H&E as `img=`"):
+    with pytest.raises(ValueError, match=r"too coarse.*Pass the full-resolution H&E as `img=`"):
         stfm.pp.extract_features(ad, lite0)
     # ...but fine enough for tiles at 4 µm/px, which uses it with a warning
     with pytest.warns(UserWarning, match="using the hires image"):
@@ -226,7 +227,7 @@ def test_error_no_image(b4, lite0):
     ad = _subset(b4, 3)
     del ad.uns["spatial"]["B4"]["metadata"]["source_image_path"]
     ad.uns["spatial"]["B4"]["images"] = {}
-    with pytest.raises(ValueError, match="No image found for library 'B4'.*`img=`"):
+    with pytest.raises(ValueError, match=r"No image found for library 'B4'.*`img=`"):
         stfm.pp.extract_features(ad, lite0)
     ad.uns["spatial"]["B4"]["metadata"]["source_image_path"] = "/nonexistent/B4.jpg"
     with pytest.raises(ValueError, match="does not exist"):
@@ -237,7 +238,7 @@ def test_error_mpp_unknown(b4, lite0):
     ad = _subset(b4, 3)
     sf = ad.uns["spatial"]["B4"]["scalefactors"]
     del sf["microns_per_pixel"], sf["spot_diameter_fullres"]
-    with pytest.raises(ValueError, match="µm per pixel is unknown.*slide_mpp="):
+    with pytest.raises(ValueError, match=r"µm per pixel is unknown.*slide_mpp="):
         stfm.pp.extract_features(ad, lite0)
 
 
@@ -258,7 +259,7 @@ def test_error_spots_outside_image(b4, lite0):
 
 def test_error_unknown_encoder(b4):
     ad = _subset(b4, 3)
-    with pytest.raises(KeyError, match="Unknown encoder 'not_an_encoder'.*Known keys.*efficientnet_lite0"):
+    with pytest.raises(KeyError, match=r"Unknown encoder 'not_an_encoder'.*Known keys.*efficientnet_lite0"):
         stfm.pp.extract_features(ad, "not_an_encoder")
     assert "stfm" not in ad.uns
 

@@ -19,7 +19,7 @@ def crop_boxes(xy: np.ndarray, side_px: float, *, downsample: float = 1.0) -> tu
     Returns ``(boxes, size)``: ``boxes[:, 0]`` = x0, ``boxes[:, 1]`` = y0 in level pixels, and the box side
     ``size`` (the same for every box, at least one pixel).
     """
-    size = max(1, int(round(side_px / downsample)))
+    size = max(1, round(side_px / downsample))
     centres = np.asarray(xy, dtype=np.float64)[:, :2] / downsample
     # Top-left corner such that the box centre is as close as possible to the spot centre.
     x0 = np.floor(centres[:, 0] - size / 2 + 0.5).astype(np.int64)
@@ -82,7 +82,9 @@ class TileDataset(Dataset):
             from PIL import Image
 
             crop = np.array(
-                Image.fromarray(np.ascontiguousarray(crop)).resize((self.tile_px, self.tile_px), Image.Resampling.BICUBIC)
+                Image.fromarray(np.ascontiguousarray(crop)).resize(
+                    (self.tile_px, self.tile_px), Image.Resampling.BICUBIC
+                )
             )
         return crop
 

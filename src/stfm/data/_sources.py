@@ -110,7 +110,7 @@ class ImageSource(ABC):
             out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._read(level, ya, yb, xa, xb)
         return out
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook, a no-op for most sources
         """Do one-off work (decoding) in the main process so forked workers share it."""
 
     @abstractmethod
@@ -249,7 +249,18 @@ class LazyArraySource(ImageSource):
             return _as_uint8_rgb(np.asarray(block), axes="cyx" if cyx else "yxc")
         return self._read_chunked(level, arr, grid, y0, y1, x0, x1, cyx=cyx)
 
-    def _read_chunked(self, level: int, arr: Any, grid: tuple[np.ndarray, np.ndarray], y0: int, y1: int, x0: int, x1: int, *, cyx: bool) -> np.ndarray:
+    def _read_chunked(
+        self,
+        level: int,
+        arr: Any,
+        grid: tuple[np.ndarray, np.ndarray],
+        y0: int,
+        y1: int,
+        x0: int,
+        x1: int,
+        *,
+        cyx: bool,
+    ) -> np.ndarray:
         """Assemble the region from whole chunks, kept in a small per-process LRU cache.
 
         Decoding a chunk (a JPEG tile of a TIFF, a compressed zarr chunk, a dask task) is the expensive part
@@ -269,7 +280,9 @@ class LazyArraySource(ImageSource):
                 out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = chunk[sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0]
         return out
 
-    def _chunk(self, level: int, arr: Any, by: int, bx: int, box: tuple[int, int, int, int], *, cyx: bool) -> np.ndarray:
+    def _chunk(
+        self, level: int, arr: Any, by: int, bx: int, box: tuple[int, int, int, int], *, cyx: bool
+    ) -> np.ndarray:
         cache = self.__dict__.setdefault("_chunk_cache", {})
         if cache.get("pid") != os.getpid():
             cache.clear()
@@ -537,4 +550,6 @@ def as_dask(source: ImageSource, *, level: int = 0, chunk: int = 4096) -> Any:
     import dask.array as da
 
     arr = SourceArray(source, level)
-    return da.from_array(arr, chunks=(3, chunk, chunk), asarray=True, fancy=False, name=f"stfm-image-{source.fingerprint()}-{level}")
+    return da.from_array(
+        arr, chunks=(3, chunk, chunk), asarray=True, fancy=False, name=f"stfm-image-{source.fingerprint()}-{level}"
+    )

@@ -188,7 +188,11 @@ def extract_features(
         if value is not None:
             check_positive(value, name=name)
     batch_size = settings.batch_size if batch_size is None else int(check_positive(batch_size, name="batch_size"))
-    num_workers = settings.num_workers if num_workers is None else int(check_positive(num_workers, name="num_workers", allow_zero=True))
+    num_workers = (
+        settings.num_workers
+        if num_workers is None
+        else int(check_positive(num_workers, name="num_workers", allow_zero=True))
+    )
     progress = settings.show_progress_bar if show_progress_bar is None else bool(show_progress_bar)
 
     # 1. Where to crop, from which image, at what µm/px (fails before any model is loaded).
@@ -197,12 +201,16 @@ def extract_features(
             msg = "`img=` is for AnnData input; for a SpatialData object pass the image element name as `image_key=`."
             raise ValueError(msg)
         table, table_name = _resolve_table(data, table_key, shapes_key)
-        inputs = _inputs_spatialdata(data, table, image_key=image_key, shapes_key=shapes_key, spatial_key=spatial_key, slide_mpp=slide_mpp)
+        inputs = _inputs_spatialdata(
+            data, table, image_key=image_key, shapes_key=shapes_key, spatial_key=spatial_key, slide_mpp=slide_mpp
+        )
         inputs.extra["table_key"] = table_name
     else:
         table = get_table(data)
         table_name = None
-        inputs = _inputs_anndata(table, img=img, library_id=library_id, spatial_key=spatial_key, slide_mpp=slide_mpp, mpp=mpp)
+        inputs = _inputs_anndata(
+            table, img=img, library_id=library_id, spatial_key=spatial_key, slide_mpp=slide_mpp, mpp=mpp
+        )
 
     # 2. The encoder and the tile geometry.
     from ..encoders import load_encoder
@@ -321,7 +329,9 @@ def _check_mpp(sf: dict[str, Any], meta: dict[str, Any], mpp_used: float, *, use
             )
 
 
-def _inputs_anndata(adata: AnnData, *, img: Any, library_id: str | None, spatial_key: str, slide_mpp: float | None, mpp: float | None) -> _Inputs:
+def _inputs_anndata(
+    adata: AnnData, *, img: Any, library_id: str | None, spatial_key: str, slide_mpp: float | None, mpp: float | None
+) -> _Inputs:
     from ..data import ArraySource, open_image
 
     if spatial_key not in adata.obsm:
@@ -347,7 +357,11 @@ def _inputs_anndata(adata: AnnData, *, img: Any, library_id: str | None, spatial
     else:
         msg = (
             "The slide's µm per pixel is unknown: "
-            + (f"{where}['scalefactors'] has neither 'microns_per_pixel' nor 'spot_diameter_fullres'" if lib else "`uns['spatial']` is missing")
+            + (
+                f"{where}['scalefactors'] has neither 'microns_per_pixel' nor 'spot_diameter_fullres'"
+                if lib
+                else "`uns['spatial']` is missing"
+            )
             + ". Pass `slide_mpp=` (µm per full-resolution pixel, e.g. 0.5 for a 20× scan) or set "
             "`scalefactors['microns_per_pixel']`."
         )
@@ -374,7 +388,14 @@ def _inputs_anndata(adata: AnnData, *, img: Any, library_id: str | None, spatial
                 f"{hires_mpp:.3g} µm/px is fine enough for tiles at {target:.3g} µm/px."
             )
             spot = spot_px * scalef if spot_px is not None else None
-            return _Inputs(ArraySource(hires, description=f"{where}['images']['hires']"), xy * scalef, hires_mpp, spot, lib, "hires")
+            return _Inputs(
+                ArraySource(hires, description=f"{where}['images']['hires']"),
+                xy * scalef,
+                hires_mpp,
+                spot,
+                lib,
+                "hires",
+            )
         msg = (
             f"No full-resolution image for library {lib!r}{missing}, and the hires image ({hires_mpp:.2f} µm/px) is too "
             f"coarse for tiles at {target:.2f} µm/px. Pass the full-resolution H&E as `img=` (array, PIL image or path), "
@@ -417,7 +438,13 @@ def _affine_xy(element: Any, cs: str) -> np.ndarray:
 
 
 def _inputs_spatialdata(
-    sdata: SpatialData, table: AnnData, *, image_key: str | None, shapes_key: str | None, spatial_key: str, slide_mpp: float | None
+    sdata: SpatialData,
+    table: AnnData,
+    *,
+    image_key: str | None,
+    shapes_key: str | None,
+    spatial_key: str,
+    slide_mpp: float | None,
 ) -> _Inputs:
     from spatialdata.models import get_table_keys
     from spatialdata.transformations import get_transformation
@@ -451,9 +478,10 @@ def _inputs_spatialdata(
         image_key = next((c for c in candidates if c is not None and c in sdata.images), None)
         if image_key is None:
             if len(images) != 1:
-                msg = (
-                    f"No image found for shapes {shapes_key!r}: " + (f"pass `image_key=` (one of {images})." if images else
-                    "the SpatialData object has no image element; add the H&E with `spatialdata.models.Image2DModel`.")
+                msg = f"No image found for shapes {shapes_key!r}: " + (
+                    f"pass `image_key=` (one of {images})."
+                    if images
+                    else "the SpatialData object has no image element; add the H&E with `spatialdata.models.Image2DModel`."
                 )
                 raise ValueError(msg)
             image_key = images[0]
@@ -514,7 +542,9 @@ def _inputs_spatialdata(
         if sf.get("microns_per_pixel") is not None and np.isfinite(sf["microns_per_pixel"]):
             cs_mpp = float(sf["microns_per_pixel"])
         elif "spot_diameter_fullres" in sf:
-            cs_mpp = (_known_spot_um(sf, meta) or (_KNOWN_SPOT_UM["visium"], ""))[0] / float(sf["spot_diameter_fullres"])
+            cs_mpp = (_known_spot_um(sf, meta) or (_KNOWN_SPOT_UM["visium"], ""))[0] / float(
+                sf["spot_diameter_fullres"]
+            )
         if cs_mpp is None:
             msg = (
                 f"The slide's µm per pixel is unknown: {where}['scalefactors'] has neither 'microns_per_pixel' nor "
@@ -563,12 +593,27 @@ def _weights_fingerprint(enc: ImageEncoder) -> str:
     return h.hexdigest()
 
 
-def _cache_key(inputs: _Inputs, enc: ImageEncoder, dataset: TileDataset, *, tile_um: float, enc_mpp: float, spot_scale: float | None) -> str:
+def _cache_key(
+    inputs: _Inputs,
+    enc: ImageEncoder,
+    dataset: TileDataset,
+    *,
+    tile_um: float,
+    enc_mpp: float,
+    spot_scale: float | None,
+) -> str:
     spec = {
         "version": _CACHE_VERSION,
         "image": inputs.source.fingerprint(),
         "xy": hashlib.blake2b(np.round(inputs.xy, 2).astype(np.float64).tobytes(), digest_size=16).hexdigest(),
-        "encoder": [enc.key, str(enc.source), str(enc.revision), str(getattr(enc, "pooling", "")), list(enc.mean), list(enc.std)],
+        "encoder": [
+            enc.key,
+            str(enc.source),
+            str(enc.revision),
+            str(getattr(enc, "pooling", "")),
+            list(enc.mean),
+            list(enc.std),
+        ],
         "weights": _weights_fingerprint(enc),
         "slide_mpp": round(inputs.slide_mpp, 6),
         "mpp": round(enc_mpp, 6),
@@ -602,7 +647,7 @@ def _cache_write(path: Path, feats: np.ndarray) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.save(f, feats, allow_pickle=False)
-            os.replace(tmp, path)
+            Path(tmp).replace(path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -122,7 +122,11 @@ def make_tiles(
         image_key = _pick_image(sdata, image_key)
         element = sdata.images[image_key]
         source = _source_of_element(element, image_key)
-        slide_mpp = _slide_mpp_of(sdata, image_key, element) if slide_mpp is None else check_positive(slide_mpp, name="slide_mpp")
+        slide_mpp = (
+            _slide_mpp_of(sdata, image_key, element)
+            if slide_mpp is None
+            else check_positive(slide_mpp, name="slide_mpp")
+        )
         existing = [*sdata.images, *sdata.labels, *sdata.points, *sdata.shapes, *sdata.tables]
         for name, what in ((shapes_key, "shapes_key"), (table_key, "table_key")):
             if name in existing:
@@ -144,14 +148,23 @@ def make_tiles(
         source = open_image(data)
         image_key = check_valid_key(image_key if image_key is not None else "he_image", what="image_key")
         if image_key in (shapes_key, table_key):
-            msg = f"`image_key`={image_key!r} equals the shapes or table name; SpatialData element names must be unique."
+            msg = (
+                f"`image_key`={image_key!r} equals the shapes or table name; SpatialData element names must be unique."
+            )
             raise ValueError(msg)
         sdata = None
         transformations = None
 
     side_px = tile_um / slide_mpp
     mask, mask_ds = detect_tissue(source, slide_mpp=slide_mpp, max_px=max_px)
-    xy, frac = tile_grid(mask, mask_ds, side_px, shape=source.shape, min_tissue_fraction=min_tissue_fraction, stride_px=stride_um / slide_mpp)
+    xy, frac = tile_grid(
+        mask,
+        mask_ds,
+        side_px,
+        shape=source.shape,
+        min_tissue_fraction=min_tissue_fraction,
+        stride_px=stride_um / slide_mpp,
+    )
     if len(xy) == 0:
         msg = (
             f"No tile of {tile_um:.0f} µm has ≥ {min_tissue_fraction:.0%} tissue (tissue covers {mask.mean():.1%} of the "
@@ -262,7 +275,10 @@ def _slide_mpp_of(sdata: SpatialData, image_key: str, element: Any) -> float:
 
     for table in sdata.tables.values():
         for lib, entry in table.uns.get("spatial", {}).items():
-            owns = image_key in (f"{lib}_full_image", f"{lib}_hires_image") or entry.get("metadata", {}).get("image_key") == image_key
+            owns = (
+                image_key in (f"{lib}_full_image", f"{lib}_hires_image")
+                or entry.get("metadata", {}).get("image_key") == image_key
+            )
             mpp = entry.get("scalefactors", {}).get("microns_per_pixel")
             if owns and mpp is not None and np.isfinite(mpp):
                 cs = get_transformation(element, get_all=True)
@@ -289,4 +305,6 @@ def _image_element(source: Any, transformations: dict[str, Any]) -> Any:
             chunks=(3, 4096, 4096), transformations=transformations,
         )  # fmt: skip
     # Lazy source (tiled TIFF, zarr): a dask array that reads one chunk at a time, never the whole slide.
-    return Image2DModel.parse(as_dask(source), dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=transformations)
+    return Image2DModel.parse(
+        as_dask(source), dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=transformations
+    )
