@@ -247,8 +247,13 @@ def efficientnet_lite0_model(model_path: str | os.PathLike[str] | None = None, *
     model = timm.create_model(card.timm_name, pretrained=False, num_classes=1000)
     if any(k.startswith("_blocks.") for k in sd):
         sd = _lite0_timm_state(sd, model)
+    if "classifier.weight" not in sd:  # a headless checkpoint (e.g. saved from an ImageEncoder backbone)
+        if num_classes == 1000:
+            msg = f"The EfficientNet-Lite0 weights in {source} have no ImageNet classifier; use `num_classes=0`."
+            raise ValueError(msg)
+        model.reset_classifier(0)
     load_state_into(model, sd, name=card.key, source=source)
-    if num_classes != 1000:
+    if num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model, source, revision
 
