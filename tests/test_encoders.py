@@ -334,6 +334,11 @@ def test_hub_card_loads_from_local_cache_offline(hf_cache, tmp_card):
     x = _tiles(2, px=64)
     with torch.inference_mode():
         assert enc(x).shape == (2, 64)
+    # another pooling than the card's: the output size follows (class token ⊕ patch mean = 2 × 64)
+    both = load_encoder("tiny_hub", transform={"pooling": "cls_patch_mean"})
+    assert both.embed_dim == 128
+    with torch.inference_mode():
+        torch.testing.assert_close(both(x)[:, :64], enc(x))
     # an explicit revision resolves to the same snapshot
     assert load_encoder("tiny_hub", revision=commit).revision == commit
     # the file name on the card is tried first, then the usual alternatives

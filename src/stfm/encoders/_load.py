@@ -353,6 +353,8 @@ def _from_card(card: EncoderCard, *, model_path, revision, transform: dict[str, 
         source=source,
         license=card.license,
     )
+    if "pooling" in transform and "embed_dim" not in transform and enc.pooling != card.pooling:
+        enc.embed_dim = _infer_embed_dim(enc)  # e.g. Virchow2 with pooling='cls' gives 1280, not 2560
     return enc
 
 
