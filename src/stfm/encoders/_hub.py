@@ -16,7 +16,11 @@ from typing import Any
 from stfm._logging import logger
 from stfm._settings import settings
 
-__all__ = ["file_revision", "hub_download", "load_weights_file"]
+__all__ = ["WeightsNotFoundError", "file_revision", "hub_download", "load_weights_file"]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """The file is not in the repository, or (offline) not in the local cache; another file name may be."""
 
 
 def _access_hint(repo_id: str) -> str:
@@ -65,12 +69,12 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None, ke
                 "download them once with network access (set `stfm.settings.offline = False` and unset "
                 "HF_HUB_OFFLINE), or pass a local file with `model_path=`."
             )
-        else:
-            msg = (
-                f"Could not download the weights of encoder {name!r} ({where}): the Hugging Face Hub is not "
-                "reachable and the file is not in the local cache. Check the network connection, or pass a "
-                "local file with `model_path=`."
-            )
+            raise WeightsNotFoundError(msg) from e
+        msg = (
+            f"Could not download the weights of encoder {name!r} ({where}): the Hugging Face Hub is not "
+            "reachable and the file is not in the local cache. Check the network connection, set "
+            "`stfm.settings.offline = True` to use only the cache, or pass a local file with `model_path=`."
+        )
         raise FileNotFoundError(msg) from e
     except RevisionNotFoundError as e:
         msg = (
@@ -80,7 +84,7 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None, ke
         raise FileNotFoundError(msg) from e
     except EntryNotFoundError as e:
         msg = f"{repo_id} has no file {filename!r} at revision {revision or 'main'} (encoder {name!r})."
-        raise FileNotFoundError(msg) from e
+        raise WeightsNotFoundError(msg) from e
     except RepositoryNotFoundError as e:
         msg = (
             f"The Hugging Face repository {repo_id!r} (encoder {name!r}) was not found, or it is private/gated and "

@@ -19,7 +19,7 @@ from stfm._settings import settings
 
 from ._base import ImageEncoder
 from ._cards import _REGISTRY, EncoderCard, _known, get_card
-from ._hub import file_revision, hub_download, load_weights_file
+from ._hub import WeightsNotFoundError, file_revision, hub_download, load_weights_file
 
 __all__ = ["load_encoder"]
 
@@ -150,7 +150,7 @@ def _download_first(repo_id: str, filenames: list[str], revision: str | None, ke
     for name in dict.fromkeys(filenames):
         try:
             return hub_download(repo_id, name, revision=revision, key=key)
-        except FileNotFoundError as e:  # missing file or not cached: try the next name
+        except WeightsNotFoundError as e:  # not in the repo / not cached: try the next name (network errors stop)
             first = first or e
     assert first is not None
     raise first
