@@ -428,6 +428,37 @@ def test_gated_repo_says_how_to_get_access(hf_cache, monkeypatch, tmp_card):
     assert calls[0][2]["local_files_only"] is True  # offline setting honoured
 
 
+def test_hub_unreachable_and_missing_repo(monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    calls = []
+
+    def unreachable(repo_id, filename, **kwargs):
+        calls.append(filename)
+        msg = "connection error and no cache"
+        raise LocalEntryNotFoundError(msg)
+
+    monkeypatch.setattr(stfm.settings, "offline", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"Hub is not reachable.*stfm.settings.offline = True.*model_path="):
+        load_encoder("virchow2")
+    assert calls == ["pytorch_model.bin"]  # no retries with other file names when the network is down
+
+    def missing_repo(repo_id, filename, **kwargs):
+        url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+        msg = "404"
+        raise RepositoryNotFoundError(msg, response=httpx2.Response(404, request=httpx2.Request("GET", url)))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing_repo)
+    with pytest.raises(
+        PermissionError, match=r"'paige-ai/Virchow2'.*not found, or it is private/gated.*Request access"
+    ):
+        load_encoder("virchow2")
+
+
 def test_missing_package_conch():
     pytest.importorskip("torch")
     try:
