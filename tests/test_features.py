@@ -150,6 +150,19 @@ def test_spatialdata_input_matches_anndata(b4_small, lite0, b4_image):
 
     with pytest.raises(KeyError, match="Available images"):
         stfm.pp.extract_features(sdata, lite0, image_key="nope")
+
+    # H&E-only: shapes without a table → a zero-gene table '<shapes>_table' is created, complete, at the end
+    del sdata.tables["table"]
+    with pytest.raises(ValueError, match="no table: pass `shapes_key=`"):
+        stfm.pp.extract_features(sdata, lite0)
+    mpp = b4_small.uns["spatial"]["B4"]["scalefactors"]["microns_per_pixel"]
+    with pytest.raises(ValueError, match="µm per pixel is unknown"):
+        stfm.pp.extract_features(sdata, lite0, shapes_key="B4")
+    assert "B4_table" not in sdata.tables  # nothing half-written
+    stfm.pp.extract_features(sdata, lite0, shapes_key="B4", slide_mpp=mpp)
+    new = sdata.tables["B4_table"]
+    assert new.n_vars == 0 and new.n_obs == b4_small.n_obs
+    np.testing.assert_allclose(new.obsm[KEY], ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="image_key"):
         stfm.pp.extract_features(sdata, lite0, img=b4_image)
 

@@ -120,9 +120,10 @@ def extract_features(
     image_key
         SpatialData only: image element (default: ``'{library_id}_full_image'``, or the only image).
     shapes_key
-        SpatialData only: shapes element the table annotates (default: the table's only region).
+        SpatialData only: shapes element the table annotates (default: the table's only region). When no
+        table annotates it (H&E-only data), a zero-gene table ``f'{shapes_key}_table'`` is created.
     table_key
-        SpatialData only: the observation table (default: the only table).
+        SpatialData only: the observation table (default: the only table, or the one annotating ``shapes_key``).
     spot_scale
         Crop side in spot diameters (squidpy's convention) instead of the encoder's physical scale; the crop
         is still resampled to ``tile_px``. ``None`` uses ``mpp × tile_px`` µm.
@@ -165,6 +166,8 @@ def extract_features(
 
     `.obsm['X_<encoder key>' | key_added]` : :class:`numpy.ndarray` (float32, `(n_obs, embed_dim)`)
         Tile embeddings, rows aligned with `obs_names`.
+    `.tables[f'{shapes_key}_table']` : :class:`~anndata.AnnData` (`n_shapes × 0`)
+        SpatialData only, created when no table annotates `shapes_key` (`obs['region']`, `obs['instance_id']`).
     `.uns['stfm']['X_<encoder key>' | key_added]` : :class:`dict`
         Encoder provenance (key, source, revision, embed_dim, pooling, licence) plus `tile_px`, `mpp`
         (µm/px of the tiles), `encoder_mpp`, `slide_mpp`, `spot_scale`, `tile_um`, `crop_px`, `level`,
@@ -200,14 +203,14 @@ def extract_features(
         if img is not None:
             msg = "`img=` is for AnnData input; for a SpatialData object pass the image element name as `image_key=`."
             raise ValueError(msg)
-        table, table_name = _resolve_table(data, table_key, shapes_key)
+        table, table_name, new_table = _resolve_table(data, table_key, shapes_key)
         inputs = _inputs_spatialdata(
             data, table, image_key=image_key, shapes_key=shapes_key, spatial_key=spatial_key, slide_mpp=slide_mpp
         )
         inputs.extra["table_key"] = table_name
     else:
         table = get_table(data)
-        table_name = None
+        table_name, new_table = None, False
         inputs = _inputs_anndata(
             table, img=img, library_id=library_id, spatial_key=spatial_key, slide_mpp=slide_mpp, mpp=mpp
         )
@@ -287,6 +290,8 @@ def extract_features(
     if not inplace:
         return feats
     out = prepare_output(data, copy=copy)
+    if new_table:  # H&E-only SpatialData: the table is added only now, complete
+        out.tables[table_name] = table
     target = get_table(out, table_name) if table_name is not None else get_table(out)
     target.obsm[key] = feats
     record(target, key, "pp.extract_features", **prov)
@@ -409,11 +414,12 @@ def _inputs_anndata(
     raise ValueError(msg)
 
 
-def _resolve_table(sdata: SpatialData, table_key: str | None, shapes_key: str | None) -> tuple[AnnData, str]:
-    tables = list(sdata.tables.keys())
-    if table_key is None and shapes_key is not None and len(tables) > 1:
-        from spatialdata.models import get_table_keys
+def _resolve_table(sdata: SpatialData, table_key: str | None, shapes_key: str | None) -> tuple[AnnData, str, bool]:
+    """The observation table, its name, and whether it is new (built from ``shapes_key`` for H&E-only data)."""
+    from spatialdata.models import get_table_keys
 
+    tables = list(sdata.tables.keys())
+    if table_key is None and shapes_key is not None:
         matching = []
         for name in tables:
             region = get_table_keys(sdata.tables[name])[0]
@@ -422,12 +428,46 @@ def _resolve_table(sdata: SpatialData, table_key: str | None, shapes_key: str | 
                 matching.append(name)
         if len(matching) == 1:
             table_key = matching[0]
-        else:
+        elif not matching and shapes_key in sdata.shapes:
+            return _table_from_shapes(sdata, shapes_key), f"{shapes_key}_table", True
+        elif matching:
             msg = f"{len(matching)} tables annotate shapes {shapes_key!r} ({matching}); pass `table_key=` (one of {tables})."
             raise ValueError(msg)
+        else:
+            msg = f"`sdata.shapes[{shapes_key!r}]` not found. Available shapes: {list(sdata.shapes.keys())}."
+            raise KeyError(msg)
+    if not tables and table_key is None:
+        msg = (
+            "The SpatialData object has no table: pass `shapes_key=` (the spots/cells/tiles to embed; a table "
+            f"'<shapes_key>_table' is created) or tile the slide first with `stfm.pp.make_tiles(sdata)`. Shapes: "
+            f"{list(sdata.shapes.keys())}."
+        )
+        raise ValueError(msg)
     table = get_table(sdata, table_key)
     name = table_key if table_key is not None else tables[0]
-    return table, name
+    return table, name, False
+
+
+def _table_from_shapes(sdata: SpatialData, shapes_key: str) -> AnnData:
+    """A zero-gene table annotating ``shapes[shapes_key]`` (CONVENTIONS: ``'{shapes_key}_table'``)."""
+    import pandas as pd
+    from anndata import AnnData
+    from spatialdata.models import TableModel
+
+    name = check_valid_key(f"{shapes_key}_table", what="table name")
+    if name in sdata.tables or any(
+        name.lower() == k.lower() for k in [*sdata.images, *sdata.labels, *sdata.points, *sdata.shapes]
+    ):
+        msg = f"Cannot create table {name!r} for shapes {shapes_key!r}: the name is taken. Pass `table_key=`."
+        raise ValueError(msg)
+    shapes = sdata.shapes[shapes_key]
+    n = len(shapes)
+    obs = pd.DataFrame(
+        {"region": pd.Categorical([shapes_key] * n), "instance_id": shapes.index.to_numpy()},
+        index=pd.Index([str(i) for i in shapes.index]),
+    )
+    table = AnnData(X=np.zeros((n, 0), dtype=np.float32), obs=obs)
+    return TableModel.parse(table, region=shapes_key, region_key="region", instance_key="instance_id")
 
 
 def _affine_xy(element: Any, cs: str) -> np.ndarray:
