@@ -441,13 +441,15 @@ def fit_cancer_model(
             raise KeyError(msg)
     all_labels = pd.concat([pd.Series(t.obs[label_key].astype("object").to_numpy()) for _, t in sections])
     found = set(all_labels.dropna().astype(str))
-    unknown = [lab for lab in (*positive, *(ignore if tuple(ignore) != _DEFAULT_IGNORE else ())) if lab not in found]
-    if unknown:
-        msg = f"Unknown label names {unknown} in `obs[{label_key!r}]`. Labels present in the reference: {sorted(found)}."
-        raise ValueError(msg)
     y_all = label_to_target(all_labels, positive, ignore)
     if np.nansum(y_all == 1) == 0:
         msg = f"No positive spots in the reference: none of `obs[{label_key!r}]` is in positive={list(positive)}. Labels present: {sorted(found)}."
+        raise ValueError(msg)
+    # names of the her2st defaults may be absent from a reference (B1 has no 'cancer in situ'); user names may not
+    defaults = {*_DEFAULT_POSITIVE, *_DEFAULT_IGNORE}
+    unknown = [lab for lab in (*positive, *ignore) if lab not in found and lab not in defaults]
+    if unknown:
+        msg = f"Unknown label names {unknown} in `obs[{label_key!r}]`. Labels present in the reference: {sorted(found)}."
         raise ValueError(msg)
     if np.nansum(y_all == 0) == 0:
         msg = f"No negative spots in the reference: every labelled spot of `obs[{label_key!r}]` is in positive={list(positive)}."
@@ -550,15 +552,16 @@ def call_regions(
     coords: np.ndarray,
     tumour: np.ndarray,
     *,
-    boundary_distance: float = 1.5,
+    boundary_distance: float = 1.2,
     min_spots: int = 1,
     pitch: float | None = None,
     groups: np.ndarray | None = None,
 ) -> pd.Categorical:
     """Turn per-spot tumour calls into ``tumor`` / ``boundary`` / ``non-tumor``.
 
-    Two spots are *adjacent* when their centres are at most ``boundary_distance × pitch`` apart (1.5 pitches
-    by default: the 8 nearest neighbours on a square grid, the 6 on a hexagonal one). Tumour components
+    Two spots are *adjacent* when their centres are at most ``boundary_distance × pitch`` apart (1.2 pitches
+    by default: the 4 edge neighbours on a square grid such as legacy ST, the 6 nearest on Visium's hexagonal
+    grid, with room for coordinate jitter; 1.5 also takes the diagonals of a square grid). Tumour components
     (connected through adjacency) smaller than ``min_spots`` are called non-tumour first. Then every spot with
     an adjacent spot of the other call — tumour spots touching non-tumour spots and vice versa — is ``boundary``;
     the remaining tumour spots are ``tumor`` and the rest ``non-tumor``. Adjacency never crosses sections
@@ -621,7 +624,7 @@ def detect_cancer_regions(
     threshold: float | None = None,
     smooth: bool = False,
     connectivity_key: str = "spatial_connectivities",
-    boundary_distance: float = 1.5,
+    boundary_distance: float = 1.2,
     min_spots: int = 1,
     label_key: str | None = None,
     positive: Sequence[str] = _DEFAULT_POSITIVE,

@@ -1,0 +1,166 @@
+"""Cancer-region benchmark: her2st pathologist labels, leave-one-patient-out.
+
+Usage::
+
+    STFM_DATA_DIR=../shared/data python benchmarks/bench_cancer.py [--fast] [--out docs/benchmarks/cancer.md]
+
+Protocol (printed with the numbers):
+
+- Sections A1, B1, C1, D1: the only pathologist-labelled sections in the mirror, one per patient, so
+  leave-one-section-out here *is* leave-one-patient-out. Each section is the test section once; the
+  other three are the reference.
+- Labels: tumour = 'invasive cancer' or 'cancer in situ'; 'undetermined' excluded (default) and, as a
+  second variant, counted as non-tumour. The test labels are read only by the evaluation.
+- stfm (expression): scVI latent (16-d, 100 epochs, batch = section) trained on reference + test counts
+  together (unsupervised), HVGs (2,000, seurat_v3) chosen on the reference only; CancerClassifier
+  (context rings 1/2/4 pitches × 4 sectors, transformer fusion) trained for a fixed 30 epochs; threshold
+  chosen by `fit_cancer_model` on the reference only (each reference section held out in turn, Platt
+  calibration, F1-optimal threshold) and then fixed.
+- stfm (expression, PCA): same, with the PCA expression embedding (fit on reference) instead of scVI.
+- Baseline: PCA (16 components) of log-normalised counts of the 2,000 most variable reference genes +
+  class-balanced logistic regression, threshold 0.5 (fit on the reference only).
+- Image-only / fused: only A1 has an H&E image in the mirror (a 3.2 µm/px viewer PNG), and none of the
+  other labelled sections has one, so an image model cannot be trained on other patients' labelled
+  images: image-only and fused cannot be evaluated leave-one-patient-out on this data. They are not
+  reported as if they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+warnings.filterwarnings("ignore")
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi", "stfm"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+SECTIONS = ("A1", "B1", "C1", "D1")
+POSITIVE = ("invasive cancer", "cancer in situ")
+IGNORE = ("undetermined",)
+
+
+def baseline(ref: dict, test, seed: int) -> np.ndarray:
+    """PCA(16) of log-normalised counts (2,000 most variable reference genes) + logistic regression; P(tumour)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    from stfm.model._cancer import label_to_target
+    from stfm.tl._cancer import _log_normalise
+
+    genes = test.var_names
+    for a in ref.values():
+        genes = genes.intersection(a.var_names)
+    genes = genes[~genes.duplicated()]
+    xr = np.vstack([_log_normalise(a[:, genes].X) for a in ref.values()])
+    cols = np.argsort(-xr.var(0), kind="stable")[:2000]
+    mean = xr[:, cols].mean(0)
+    pca = PCA(16, random_state=seed).fit(xr[:, cols] - mean)
+    y = np.concatenate([label_to_target(a.obs["pathologist_label"], POSITIVE, IGNORE) for a in ref.values()])
+    keep = np.isfinite(y)
+    lr = LogisticRegression(class_weight="balanced", max_iter=5000).fit(pca.transform(xr[:, cols] - mean)[keep], y[keep])
+    zt = pca.transform(_log_normalise(test[:, genes].X)[:, cols] - mean)
+    return lr.predict_proba(zt)[:, 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="docs/benchmarks/cancer.md")
+    parser.add_argument("--fast", action="store_true", help="fewer epochs (smoke run; numbers not comparable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-pca", action="store_true", help="skip the stfm PCA-embedding variant")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    import stfm
+
+    stfm.settings.show_progress_bar = False
+    scvi_epochs, clf_epochs = (20, 8) if args.fast else (100, 30)
+    secs = {s: stfm.datasets.her2st(s) for s in SECTIONS}
+    variants = [("stfm expression (scVI)", "scvi", "X_scvi_expr")]
+    if not args.no_pca:
+        variants.append(("stfm expression (PCA)", "pca", "X_pca_expr"))
+    rows = []
+    timings = {}
+    t_all = time.time()
+    for test in SECTIONS:
+        ref_names = [s for s in SECTIONS if s != test]
+        fold = {s: secs[s].copy() for s in SECTIONS}
+        for label, method, key in variants:
+            t0 = time.time()
+            stfm.tl.expression_embedding(fold, method=method, reference=ref_names, n_comps=16, max_epochs=scvi_epochs, seed=args.seed)
+            model = stfm.tl.fit_cancer_model(
+                {s: fold[s] for s in ref_names}, label_key="pathologist_label", positive=POSITIVE, ignore=IGNORE,
+                expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs={"d_model": 32, "dropout": 0.3},
+            )  # fmt: skip
+            q = fold[test]
+            stfm.tl.detect_cancer_regions(q, model, label_key="pathologist_label")
+            timings[(test, label)] = time.time() - t0
+            for und in ("exclude", "negative"):
+                ev = stfm.tl.evaluate_cancer_regions(q, undetermined=und)
+                r = ev.iloc[0].to_dict()
+                rows.append({"method": label, "test": test, **r, "val_auc": np.nanmean([v["auc"] for v in model.validation_["sections"].values()])})
+            print(f"[{test}] {label}: AUC {rows[-2]['auc']:.3f} F1 {rows[-2]['f1']:.3f} thr {model.threshold_:.3f} ({timings[(test, label)]:.0f}s)", flush=True)
+        q = secs[test].copy()
+        t0 = time.time()
+        q.obs["cancer_region_score"] = baseline({s: secs[s] for s in ref_names}, q, args.seed).astype(np.float32)
+        timings[(test, "baseline")] = time.time() - t0
+        for und in ("exclude", "negative"):
+            ev = stfm.tl.evaluate_cancer_regions(q, undetermined=und, threshold=0.5)
+            rows.append({"method": "baseline: PCA + logistic regression", "test": test, **ev.iloc[0].to_dict(), "val_auc": np.nan})
+        print(f"[{test}] baseline: AUC {rows[-2]['auc']:.3f} F1 {rows[-2]['f1']:.3f}", flush=True)
+    total = time.time() - t_all
+
+    df = pd.DataFrame(rows)
+    cols = ["auc", "ap", "f1", "sensitivity", "specificity", "threshold"]
+    lines = ["# Cancer-region benchmark (her2st, leave-one-patient-out)", "",
+             f"Command: `STFM_DATA_DIR=../shared/data python benchmarks/bench_cancer.py{' --fast' if args.fast else ''}` "
+             f"(seed {args.seed}; {total / 60:.1f} min on this machine: 2 shared CPU cores, torch CPU).", "",
+             "## Protocol", "", __doc__.split("Protocol (printed with the numbers):")[1].strip(), ""]  # fmt: skip
+    summary = []
+    for und in ("excluded", "negative"):
+        sub = df[df["undetermined"] == und]
+        lines += [f"## Undetermined spots {'excluded' if und == 'excluded' else 'counted as non-tumour'}", ""]
+        lines.append("| method | test | n | n tumour | AUC | AP | F1 | sens. | spec. | threshold |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for (m, t), r in sub.set_index(["method", "test"]).iterrows():
+            lines.append(f"| {m} | {t} | {int(r.n_spots)} | {int(r.n_positive)} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+        means = sub.groupby("method", sort=False)[cols[:-1]].mean()
+        lines += ["", "| method | mean AUC | mean AP | mean F1 | mean sens. | mean spec. |", "|---|---|---|---|---|---|"]
+        for m, r in means.iterrows():
+            lines.append(f"| {m} | " + " | ".join(f"{r[c]:.3f}" for c in cols[:-1]) + " |")
+            summary.append((und, m, r["auc"], r["f1"]))
+        lines.append("")
+    base = df[(df["method"].str.startswith("baseline")) & (df["undetermined"] == "excluded")].set_index("test")["auc"]
+    lines += ["## Against the targets (undetermined excluded)", ""]
+    for label, _, _ in variants:
+        sub = df[(df["method"] == label) & (df["undetermined"] == "excluded")].set_index("test")
+        beats = [t for t in SECTIONS if sub.loc[t, "auc"] > base.loc[t]]
+        lines.append(
+            f"- {label}: mean AUC {sub['auc'].mean():.3f} (target ≥ 0.95), mean F1 {sub['f1'].mean():.3f} (target ≥ 0.85), "
+            f"beats the baseline's AUC on {len(beats)}/4 sections ({', '.join(beats) or 'none'})."
+        )
+    lines += ["", "Image-only and fused: not evaluable leave-one-patient-out here (see protocol): A1 is the only labelled "
+              "section with an image, so no labelled image from another patient exists to train on.", "",
+              "Runtime per fold and method (s): " + ", ".join(f"{t}/{m}: {v:.0f}" for (t, m), v in timings.items()), ""]  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
