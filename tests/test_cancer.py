@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from anndata import AnnData
-from conftest import HAS_HER2ST, load_section, needs_her2st
+from conftest import load_section, needs_her2st
 
 import stfm
 from stfm.tl._cancer import call_regions
@@ -258,7 +258,7 @@ def test_bad_input_errors(fitted, synth):
         stfm.tl.detect_cancer_regions(q, fitted, shapes_added="tumours")
     with pytest.raises(KeyError, match="Label column"):
         stfm.tl.evaluate_cancer_regions(q, label_key="nope")
-    with pytest.raises(KeyError, match="Run `stfm.tl.detect_cancer_regions` first"):
+    with pytest.raises(KeyError, match=r"Run `stfm\.tl\.detect_cancer_regions` first"):
         stfm.tl.evaluate_cancer_regions(q)
     assert "cancer_region" not in q.obs  # nothing half-written
 
@@ -268,7 +268,7 @@ def test_bad_input_errors(fitted, synth):
 def test_expression_embedding_pca_and_scvi_on_her2st():
     secs = {s: load_section(s) for s in ("B1", "C1")}
     stfm.tl.expression_embedding(secs, method="pca", reference=["B1"], n_comps=8, n_top_genes=500)
-    for s, a in secs.items():
+    for a in secs.values():
         assert a.obsm["X_pca_expr"].shape == (a.n_obs, 8) and np.isfinite(a.obsm["X_pca_expr"]).all()
         prov = a.uns["stfm"]["X_pca_expr"]
         assert prov["method"] == "pca" and list(prov["reference_sections"]) == ["B1"]
@@ -280,6 +280,12 @@ def test_expression_embedding_pca_and_scvi_on_her2st():
     assert z.shape[1] == 4 and np.isfinite(z).mean() > 0.95
     with pytest.raises(KeyError, match="predict_expression"):
         stfm.tl.expression_embedding(secs, method="predicted")
+    # an H&E-only query embedded from its predicted layer lands where its counts would (same PCA, same genes)
+    secs["C1"].layers["predicted"] = secs["C1"].X.astype(np.float32)
+    secs["C1"].X = secs["C1"].X * 0
+    stfm.tl.expression_embedding(secs, method="predicted", reference=["B1"], n_comps=8, n_top_genes=500)
+    np.testing.assert_allclose(secs["C1"].obsm["X_predicted_expr"], secs["C1"].obsm["X_pca_expr"], atol=1e-3)
+    np.testing.assert_allclose(secs["B1"].obsm["X_predicted_expr"], secs["B1"].obsm["X_pca_expr"], atol=1e-3)
 
 
 @needs_her2st

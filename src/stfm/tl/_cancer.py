@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANCER_MARKERS",
-    "REGION_COLORS",
     "REGION_CATEGORIES",
+    "REGION_COLORS",
     "detect_cancer_regions",
     "evaluate_cancer_regions",
     "expression_embedding",
@@ -129,9 +129,9 @@ def expression_embedding(
         reference mean / std; fitted on the reference, applied to every section.
     ``'predicted'``
         As ``'pca'`` but on ``layers[layer or 'predicted']`` (expression predicted from H&E by
-        :func:`stfm.tl.predict_expression`) for sections without measured expression. Reference sections should hold
-        the same layer (e.g. out-of-fold predictions), so that reference and query embeddings come from the same kind
-        of data.
+        :func:`stfm.tl.predict_expression`) wherever a section has that layer, and on the counts in ``X`` for sections
+        without it (e.g. a measured reference and an H&E-only query). Giving the reference the same layer
+        (out-of-fold predictions) keeps reference and query embeddings from the same kind of data.
 
     Parameters
     ----------
@@ -188,11 +188,15 @@ def expression_embedding(
             else:
                 ref_tables.add(int(r))
     src_layer = (layer or "predicted") if method == "predicted" else layer
-    for t in tables:
-        if src_layer is not None and src_layer not in t.layers:
-            hint = " Run `stfm.tl.predict_expression` first." if method == "predicted" else ""
-            msg = f"`layers[{src_layer!r}]` not found. Available layers: {sorted(t.layers)}.{hint}"
+    if method == "predicted":
+        if not any(src_layer in t.layers for t in tables):
+            msg = f"`layers[{src_layer!r}]` not found in any section. Available layers: {sorted(tables[0].layers)}. Run `stfm.tl.predict_expression` first."
             raise KeyError(msg)
+    else:
+        for t in tables:
+            if src_layer is not None and src_layer not in t.layers:
+                msg = f"`layers[{src_layer!r}]` not found. Available layers: {sorted(t.layers)}."
+                raise KeyError(msg)
     genes = tables[0].var_names
     for t in tables[1:]:
         genes = genes.intersection(t.var_names, sort=False)
@@ -204,7 +208,8 @@ def expression_embedding(
     def matrix(t_i: int, idx: np.ndarray) -> Any:
         t = tables[t_i]
         cols = t.var_names.get_indexer(genes)
-        x = t.X if src_layer is None else t.layers[src_layer]
+        # 'predicted': sections without the predicted layer (measured ST only) use their counts in X
+        x = t.X if src_layer is None or src_layer not in t.layers else t.layers[src_layer]
         return x[idx][:, cols]
 
     ref_parts = [p for p in parts if p[0] in ref_tables]

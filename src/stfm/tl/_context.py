@@ -67,7 +67,7 @@ def _bin_of(dx: float, dy: float, d: float, radii: np.ndarray, n_sectors: int) -
     width = 2.0 * math.pi / n_sectors
     a = math.atan2(dy, dx) + width / 2.0
     a = a % (2.0 * math.pi)
-    k = int(math.floor(a / width))
+    k = int(math.floor(a / width))  # noqa: RUF046  (numba typing)
     if k >= n_sectors:
         k = n_sectors - 1
     return s, k
@@ -213,7 +213,7 @@ def pool_context_reference(
             ring = next((r for r, rad in enumerate(radii) if dist <= rad), None)
             if ring is None:
                 continue
-            k = min(int(math.floor(((math.atan2(dy, dx) + width / 2) % (2 * math.pi)) / width)), n_sectors - 1)
+            k = min(math.floor(((math.atan2(dy, dx) + width / 2) % (2 * math.pi)) / width), n_sectors - 1)
             sums[i][ring][k] = sums[i][ring][k] + feats[j]
             cnts[i][ring][k] += 1
     tokens = np.zeros((n, len(scales) * n_sectors, d), dtype=np.float32)
