@@ -160,24 +160,58 @@ def pool_neighbors(
     return np.concatenate(out, axis=1).astype(np.float32)
 
 
-class _KeepBest(Callback):
-    """Keep the module weights of the epoch with the lowest validation loss and restore them at the end."""
+class _ValidationMonitor(Callback):
+    """Score every epoch on the validation sections, stop after ``patience`` epochs without improvement and
+    restore the weights of the best epoch at the end.
 
-    def __init__(self, monitor: str = "elbo_validation") -> None:
+    ``monitor='pearson'``: mean over genes of the Pearson correlation across validation spots between
+    ``log1p`` of the prediction (library size predicted from the image, as for an H&E-only section) and
+    ``log1p`` of the counts; higher is better. ``monitor='elbo'``: scvi's ``elbo_validation`` (ZINB negative
+    log-likelihood per spot); lower is better.
+    """
+
+    def __init__(self, x: np.ndarray, emb: np.ndarray, *, monitor: str, patience: int | None) -> None:
+        self.x = torch.as_tensor(np.log1p(x), dtype=torch.float32)
+        self.emb = torch.as_tensor(emb, dtype=torch.float32)
         self.monitor = monitor
-        self.best = np.inf
+        self.patience = patience
+        self.best = -np.inf
         self.best_epoch: int | None = None
+        self.scores: list[float] = []
         self.state: dict[str, torch.Tensor] | None = None
 
+    def _score(self, trainer, pl_module) -> float | None:
+        if self.monitor == "elbo":
+            value = trainer.callback_metrics.get("elbo_validation")
+            return None if value is None else -float(value)
+        module = pl_module.module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            dev = module.embedding_mean.device
+            h = module.inference(self.emb.to(dev))["h"]
+            mu = module.generative(h=h, library=None)["px"].mu
+            p = torch.log1p(mu).cpu().double()
+        module.train(was_training)
+        t = self.x.double()
+        p, t = p - p.mean(0), t - t.mean(0)
+        den = torch.sqrt((p * p).sum(0) * (t * t).sum(0))
+        ok = den > 1e-12
+        return float(((p * t).sum(0)[ok] / den[ok]).mean()) if bool(ok.any()) else None
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        if trainer.sanity_checking:
             return
-        value = float(value)
-        if value < self.best:
-            self.best = value
-            self.best_epoch = int(trainer.current_epoch)
+        score = self._score(trainer, pl_module)
+        if score is None:
+            return
+        self.scores.append(score if self.monitor == "pearson" else -score)
+        epoch = int(trainer.current_epoch)
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch
             self.state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
+        elif self.patience is not None and self.best_epoch is not None and epoch - self.best_epoch >= self.patience:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
         if self.state is not None:
@@ -361,6 +395,7 @@ class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
         validation_sections: Sequence[str] | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 30,
+        early_stopping_monitor: Literal["pearson", "elbo"] = "pearson",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         batch_size: int = 128,
@@ -380,10 +415,14 @@ class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
             registered data has at least two sections; with a single section there is no validation split and
             training runs for ``max_epochs`` (early stopping is turned off, with a warning).
         early_stopping
-            Stop when the validation ZINB loss has not improved for ``early_stopping_patience`` epochs; the
-            weights of the best validation epoch are restored either way.
+            Stop when the validation score has not improved for ``early_stopping_patience`` epochs; the weights
+            of the best validation epoch are restored either way.
         early_stopping_patience
             Epochs without improvement before stopping.
+        early_stopping_monitor
+            ``'pearson'``: mean per-gene Pearson correlation on the validation sections between ``log1p`` of the
+            prediction (with the predicted library size, as for an H&E-only section) and ``log1p`` counts.
+            ``'elbo'``: the ZINB negative log-likelihood (``elbo_validation``).
         lr, weight_decay
             AdamW learning rate and weight decay (scvi :class:`~scvi.train.TrainingPlan`).
         batch_size
@@ -420,8 +459,20 @@ class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
             early_stopping = False
         self.validation_sections_ = list(validation_sections)
         plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", **(plan_kwargs or {})}
-        keep = _KeepBest()
-        callbacks = [*trainer_kwargs.pop("callbacks", []), keep] if len(val_idx) else trainer_kwargs.pop("callbacks", [])
+        callbacks = list(trainer_kwargs.pop("callbacks", []))
+        monitor = None
+        if len(val_idx):
+            if early_stopping_monitor not in ("pearson", "elbo"):
+                msg = f"Expected `early_stopping_monitor` to be 'pearson' or 'elbo', found {early_stopping_monitor!r}."
+                raise ValueError(msg)
+            x = self.adata_manager.get_from_registry(EXPR_KEYS.X_KEY)
+            x = x[val_idx]
+            x = np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float32)
+            emb = np.asarray(self.adata_manager.get_from_registry(EXPR_KEYS.EMBEDDING_KEY))[val_idx]
+            monitor = _ValidationMonitor(
+                x, emb, monitor=early_stopping_monitor, patience=early_stopping_patience if early_stopping else None
+            )
+            callbacks.append(monitor)
         trainer_kwargs.setdefault("enable_progress_bar", bool(settings.show_progress_bar))
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if len(val_idx) else None)
         out = super().train(
@@ -429,14 +480,18 @@ class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
             accelerator=accelerator,
             devices=devices,
             batch_size=batch_size,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
+            early_stopping=False,
             datasplitter_kwargs={"external_indexing": [train_idx, val_idx, np.array([], dtype=int)]},
             plan_kwargs=plan,
             callbacks=callbacks,
             **trainer_kwargs,
         )
-        self.best_epoch_ = keep.best_epoch if len(val_idx) else max_epochs - 1
+        if monitor is not None and monitor.best_epoch is not None:
+            self.best_epoch_ = monitor.best_epoch
+            self.validation_scores_ = monitor.scores
+        else:
+            self.best_epoch_ = int(self.history["train_loss"].index[-1]) if self.history else max_epochs - 1
+            self.validation_scores_ = []
         self.module.eval()
         return out
 
@@ -569,6 +624,26 @@ class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
             out.append(np.concatenate(zis).astype(np.float32))
             out.append(torch.exp(self.module.log_theta).detach().cpu().numpy().astype(np.float32))
         return out[0] if len(out) == 1 else tuple(out)
+
+    @classmethod
+    def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs: Any) -> ExpressionPredictor:
+        """Load a model written by :meth:`save`; ``adata`` (optional) must have exactly the model's genes, in order.
+
+        Without ``adata`` the model keeps only its registry: :meth:`predict` then works on any query holding the
+        embedding (counts optional).
+        """
+        model = super().load(dir_path, adata=None, **kwargs)
+        if adata is None:
+            return model
+        names = [str(g) for g in adata.var_names]
+        if names != model.genes:
+            n_missing = len(set(model.genes) - set(names))
+            msg = (
+                f"`adata.var_names` do not match the model's {len(model.genes)} genes ({n_missing} missing, "
+                f"{adata.n_vars} given, order must match). Subset first: `adata[:, stfm.get.model_genes(model)]`."
+            )
+            raise ValueError(msg)
+        return super().load(dir_path, adata=adata, **kwargs)
 
     def copy(self) -> ExpressionPredictor:
         """A deep copy of the model."""

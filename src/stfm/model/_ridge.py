@@ -59,7 +59,7 @@ class RidgeProbe:
         n_components: int = 256,
         alpha: float | None = None,
     ) -> None:
-        from ._expression import check_counts, check_embedding
+        from ._expression import _recorded_encoder, check_counts, check_embedding
 
         check_embedding(adata, embedding_key)
         check_counts(adata, layer)
@@ -71,6 +71,8 @@ class RidgeProbe:
         self.n_components = int(n_components)
         self.alpha = alpha
         self.is_trained_ = False
+        #: encoder recorded in the training embedding's provenance (``None`` when not recorded)
+        self.encoder_: str | None = _recorded_encoder(adata, embedding_key)
         self._genes = [str(g) for g in adata.var_names]
         self.params_: dict[str, np.ndarray] = {}
 
@@ -116,12 +118,20 @@ class RidgeProbe:
 
     def predict_log1p(self, adata: AnnData | None = None, *, use_rep: str | None = None) -> np.ndarray:
         """Predicted ``log1p`` counts, float64 ``(n_obs, n_genes)`` (unclipped; what HEST correlates)."""
-        from ._expression import check_embedding
+        from ._expression import _recorded_encoder, check_embedding
 
         self._check_trained()
         adata = self.adata if adata is None else adata
         p = self.params_
-        emb = check_embedding(adata, use_rep or self.embedding_key_, n_dims=len(p["scaler_mean"])).astype(np.float64)
+        key = use_rep or self.embedding_key_
+        emb = check_embedding(adata, key, n_dims=len(p["scaler_mean"])).astype(np.float64)
+        enc = _recorded_encoder(adata, key)
+        if enc is not None and self.encoder_ is not None and enc != self.encoder_:
+            msg = (
+                f"The query embedding `obsm[{key!r}]` was made with encoder {enc!r}, but the probe was trained on "
+                f"{self.encoder_!r} embeddings. Run `stfm.pp.extract_features(adata, {self.encoder_!r})` on the query first."
+            )
+            raise ValueError(msg)
         z = ((emb - p["scaler_mean"]) / p["scaler_scale"] - p["pca_mean"]) @ p["pca_components"].T
         return z @ p["coef"].T + p["offset"]
 
@@ -173,6 +183,7 @@ class RidgeProbe:
             "alpha": self.alpha,
             "alpha_": self.alpha_,
             "n_components_": self.n_components_,
+            "encoder": self.encoder_,
         }
         dir_path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dir_path) as tmp:
@@ -210,6 +221,7 @@ class RidgeProbe:
         obj.alpha = meta["alpha"]
         obj.alpha_ = meta["alpha_"]
         obj.n_components_ = meta["n_components_"]
+        obj.encoder_ = meta.get("encoder")
         obj._genes = genes
         obj.params_ = params
         obj.is_trained_ = True

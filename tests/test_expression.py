@@ -1,0 +1,350 @@
+"""Expression prediction: ExpressionPredictor (scvi-tools ZINB), RidgeProbe, fit/predict/evaluate/cross_validate.
+
+Real her2st sections with real ``efficientnet_lite0`` features (conftest ``sections_with_features``); few epochs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import stfm
+from tests.conftest import needs_her2st, sections_with_features
+
+EMB = "X_efficientnet_lite0"
+SECTIONS = ("B4", "C2", "C3")
+
+pytestmark = [needs_her2st, pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+@pytest.fixture(scope="module")
+def feats():
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "scvi", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return sections_with_features(SECTIONS)
+
+
+@pytest.fixture(scope="module")
+def zinb(feats):
+    """ZINB on C2 + C3 (validation C3), 20 genes, 3 epochs."""
+    return stfm.tl.fit_expression(
+        [feats["C2"], feats["C3"]], method="zinb", embedding_key=EMB, n_top_genes=20, max_epochs=3, seed=0
+    )
+
+
+@pytest.fixture(scope="module")
+def ridge(feats):
+    return stfm.tl.fit_expression([feats["C2"], feats["C3"]], method="ridge", embedding_key=EMB, n_top_genes=20)
+
+
+def he_only(adata: ad.AnnData) -> ad.AnnData:
+    """The same spots without genes: what ``extract_features`` gives on an H&E-only slide."""
+    out = ad.AnnData(obs=adata.obs.copy())
+    out.obsm[EMB] = np.asarray(adata.obsm[EMB]).copy()
+    out.obsm["spatial"] = np.asarray(adata.obsm["spatial"]).copy()
+    out.uns["spatial"] = adata.uns["spatial"]
+    out.uns["stfm"] = {EMB: dict(adata.uns["stfm"][EMB])}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# model: one epoch, save/load, seed, loss
+# ------------------------------------------------------------------------------------------------
+def test_one_epoch_train_save_load_roundtrip(feats, tmp_path):
+    from stfm.model import ExpressionPredictor
+
+    a = ad.concat([feats["C2"], feats["C3"]], join="inner", index_unique="-")
+    from stfm.tl._expression import select_genes
+
+    genes = select_genes(a, 15)
+    a = a[:, genes].copy()
+    ExpressionPredictor.setup_anndata(a, embedding_key=EMB, section_key="section", patient_key="patient")
+    model = ExpressionPredictor(a, n_hidden=64)
+    model.train(max_epochs=1)
+    assert model.is_trained_
+    assert model.validation_sections_ == ["C3"]
+    assert model.module.sample(_tensors(a), n_samples=2).shape == (2, a.n_obs, 15)
+    pred = model.predict(a)
+    assert pred.dtype == np.float32 and pred.shape == (a.n_obs, 15)
+    np.testing.assert_allclose(pred.sum(1), 1e4, rtol=1e-4)  # normalised mean × library size
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = ExpressionPredictor.load(str(tmp_path / "m"))  # without data: registry only
+    np.testing.assert_allclose(loaded.predict(feats["B4"]), model.predict(feats["B4"]), rtol=1e-5)
+    assert loaded.genes == genes
+    with pytest.raises(ValueError, match="var_names"):
+        ExpressionPredictor.load(str(tmp_path / "m"), adata=feats["C2"][:, genes[::-1]].copy())
+    # ZINB standard deviation on request, larger than zero, same shape
+    mean, std = loaded.predict(feats["B4"], return_std=True)
+    assert std.shape == mean.shape and (std > 0).all()
+
+
+def _tensors(a):
+    import torch
+
+    return {"X": torch.as_tensor(a.X.toarray(), dtype=torch.float32), "embedding": torch.as_tensor(a.obsm[EMB])}
+
+
+def test_predictions_reproducible_with_seed(feats):
+    kw = {"method": "zinb", "embedding_key": EMB, "n_top_genes": 10, "max_epochs": 2}
+    p = [
+        stfm.tl.fit_expression([feats["C2"], feats["C3"]], seed=s, **kw).predict(feats["B4"], library_size="predicted")
+        for s in (3, 3, 4)
+    ]
+    np.testing.assert_array_equal(p[0], p[1])
+    assert not np.allclose(p[0], p[2])
+
+
+def test_zinb_loss_decreases_on_real_data(zinb, feats):
+    model = stfm.tl.fit_expression(
+        [feats["C2"], feats["C3"]], method="zinb", embedding_key=EMB, n_top_genes=20, max_epochs=12, seed=0,
+        train_kwargs={"early_stopping": False},
+    )
+    loss = model.history["train_loss"].to_numpy().ravel()
+    assert len(loss) == 12
+    assert loss[-1] < 0.9 * loss[0]
+    val = model.history["elbo_validation"].to_numpy().ravel()
+    assert val[-1] < val[0]
+    assert model.best_epoch_ is not None and len(model.validation_scores_) == 12
+
+
+def test_neighbor_pooling_stored_and_recomputed_for_queries(feats):
+    model = stfm.tl.fit_expression(
+        [feats["C2"], feats["C3"]], method="zinb", embedding_key=EMB, n_top_genes=10, max_epochs=1, neighbor_pooling=(4, 8)
+    )
+    assert model.module.n_input == 3 * 1280
+    assert "X_efficientnet_lite0_nbr4-8" in model.adata.obsm
+    from stfm.model._expression import pool_neighbors
+
+    b4 = feats["B4"]
+    pooled = pool_neighbors(b4, EMB, (4,), section_key="section")
+    xy = b4.obsm["spatial"]
+    d = np.linalg.norm(xy - xy[0], axis=1)
+    nearest = np.argsort(d)[1:5]
+    np.testing.assert_allclose(pooled[0, 1280:], b4.obsm[EMB][nearest].mean(0), rtol=1e-5)
+    assert model.predict(he_only(b4)).shape == (b4.n_obs, 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# tools: predict_expression
+# ------------------------------------------------------------------------------------------------
+def test_predict_expression_writes_layer_and_provenance(zinb, feats):
+    b4 = feats["B4"][:, zinb.genes].copy()
+    out = stfm.tl.predict_expression(b4, zinb, library_size=1e4, return_std=True, return_dist_params=True, copy=True)
+    assert "predicted" not in b4.layers  # copy=True left the input alone
+    layer = out.layers["predicted"]
+    assert layer.dtype == np.float32 and layer.shape == (b4.n_obs, 20)
+    np.testing.assert_allclose(layer.sum(1), 1e4, rtol=1e-4)
+    assert out.layers["predicted_std"].shape == layer.shape
+    assert ((out.layers["predicted_zi_prob"] >= 0) & (out.layers["predicted_zi_prob"] <= 1)).all()
+    assert (out.var["predicted_theta"] > 0).all()
+    prov = out.uns["stfm"]["predicted"]
+    assert prov["function"] == "stfm.tl.predict_expression" and prov["likelihood"] == "zinb" and prov["n_genes"] == 20
+    # inplace=False returns a new AnnData of predictions that plots with squidpy
+    res = stfm.tl.predict_expression(feats["B4"], zinb, inplace=False, key_added="pred2")
+    assert list(res.var_names) == zinb.genes and "spatial" in res.uns and "pred2" in res.layers
+    # 'observed' library size needs counts; with counts each spot sums to its observed panel total
+    stfm.tl.predict_expression(b4, zinb, library_size="observed")
+    np.testing.assert_allclose(b4.layers["predicted"].sum(1), np.asarray(b4.X.sum(1)).ravel(), rtol=1e-4)
+
+
+def test_he_only_query_gets_panel(zinb, ridge, feats, tmp_path):
+    q = he_only(feats["B4"])
+    assert q.n_vars == 0
+    stfm.tl.predict_expression(q, zinb)
+    assert list(q.var_names) == zinb.genes
+    np.testing.assert_array_equal(q.X, q.layers["predicted"])
+    assert q.uns["stfm"]["predicted"]["table_rebuilt"]
+    assert EMB in q.obsm and "spatial" in q.uns
+    q.write_h5ad(tmp_path / "q.h5ad")  # everything written survives h5ad
+    # ridge too, and a SpatialData table
+    sdata = stfm.io.to_spatialdata(he_only(feats["B4"]))
+    stfm.tl.predict_expression(sdata, ridge, library_size="predicted")
+    t = sdata.tables["table"]
+    assert list(t.var_names) == ridge.genes and t.uns["spatialdata_attrs"]["region"] == "B4"
+    with pytest.raises(ValueError, match="library_size='observed'"):
+        stfm.tl.predict_expression(he_only(feats["B4"]), zinb, library_size="observed")
+
+
+def test_predict_from_saved_path(ridge, zinb, feats, tmp_path):
+    ridge.save(tmp_path / "r")
+    zinb.save(str(tmp_path / "z"))
+    b4 = feats["B4"][:, ridge.genes].copy()
+    stfm.tl.predict_expression(b4, tmp_path / "r")
+    np.testing.assert_allclose(b4.layers["predicted"], ridge.predict(feats["B4"]), rtol=1e-6)
+    assert stfm.get.model_genes(tmp_path / "z") == zinb.genes
+    with pytest.raises(FileNotFoundError, match="No stfm expression model"):
+        stfm.tl.predict_expression(b4, tmp_path / "nothing")
+
+
+def test_interop_squidpy_and_scanpy(zinb, feats):
+    import scanpy as sc
+    import squidpy as sq
+
+    b4 = feats["B4"][:, zinb.genes].copy()
+    stfm.tl.predict_expression(b4, zinb, library_size="predicted")
+    sq.gr.spatial_neighbors(b4)
+    sq.gr.spatial_autocorr(b4, mode="moran", layer="predicted", genes=zinb.genes[:5], n_perms=None, n_jobs=1)
+    assert b4.uns["moranI"].shape[0] == 5 and np.isfinite(b4.uns["moranI"]["I"]).all()
+    sc.tl.score_genes(b4, zinb.genes[:5], layer="predicted", ctrl_size=10, n_bins=5, score_name="pred_score")
+    assert np.isfinite(b4.obs["pred_score"]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# ridge probe
+# ------------------------------------------------------------------------------------------------
+def test_ridge_is_the_hest_probe(ridge, feats, tmp_path):
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    train = ad.concat([feats["C2"], feats["C3"]], join="inner", index_unique="-")[:, ridge.genes]
+    x, y = train.obsm[EMB].astype(np.float64), np.log1p(train.X.toarray())
+    sc = StandardScaler().fit(x)
+    pca = PCA(256, random_state=0).fit(sc.transform(x))
+    reg = Ridge(alpha=100 / (256 * 20), solver="lsqr", fit_intercept=False).fit(pca.transform(sc.transform(x)), y)
+    test = feats["B4"].obsm[EMB].astype(np.float64)
+    hest = reg.predict(pca.transform(sc.transform(test)))
+    ours = ridge.predict_log1p(feats["B4"])
+    assert ridge.alpha_ == pytest.approx(100 / (256 * 20))
+    np.testing.assert_allclose(ours - y.mean(0), hest, atol=1e-6)  # same fit; we add the training mean back
+    ridge.save(tmp_path / "r")
+    back = stfm.model.RidgeProbe.load(tmp_path / "r")
+    np.testing.assert_allclose(back.predict_log1p(feats["B4"]), ours)
+    with pytest.raises(ValueError, match="already exists"):
+        ridge.save(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+def test_metrics_match_hand_computation():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3, size=(40, 6)).astype(np.int32)
+    pred = (counts + rng.gamma(2, 1, size=counts.shape)).astype(np.float32)
+    a = ad.AnnData(X=sparse.csr_matrix(counts), layers={"predicted": pred})
+    a.var_names = [f"g{i}" for i in range(6)]
+    a.obs["section"] = np.repeat(["s1", "s2"], 20)
+    df = stfm.tl.evaluate_expression(a, top_variable=["g0", "g1"], top_expressed=["g5"])
+    lp, lt = np.log1p(pred), np.log1p(counts)
+    for sec, sl in (("s1", slice(0, 20)), ("s2", slice(20, 40))):
+        r = [np.corrcoef(lp[sl, j], lt[sl, j])[0, 1] for j in range(6)]
+        assert df.loc[sec, "pearson_all"] == pytest.approx(np.mean(r))
+        assert df.loc[sec, "pearson_top_variable"] == pytest.approx(np.mean(r[:2]))
+        assert df.loc[sec, "pearson_top_expressed"] == pytest.approx(r[5])
+        assert df.loc[sec, "mse"] == pytest.approx(np.mean((lp[sl] - lt[sl]) ** 2))
+        assert df.loc[sec, "mae"] == pytest.approx(np.mean(np.abs(lp[sl] - lt[sl])))
+    assert df.loc["mean", "pearson_all"] == pytest.approx(df.loc[["s1", "s2"], "pearson_all"].mean())
+    pooled = np.mean([np.corrcoef(lp[:, j], lt[:, j])[0, 1] for j in range(6)])
+    np.testing.assert_allclose(df["pearson_pooled_across_sections"].to_numpy(), pooled)
+    # a constant gene is left out of the Pearson mean and counted
+    a.X = a.X.toarray()
+    a.X[:20, 3] = 2
+    df2 = stfm.tl.evaluate_expression(a)
+    r = [np.corrcoef(lp[:20, j], lt[:20, j])[0, 1] for j in (0, 1, 2, 4, 5)]
+    assert df2.loc["s1", "n_genes_constant"] == 1
+    assert df2.loc["s1", "pearson_all"] == pytest.approx(np.mean(r))
+
+
+def test_cross_validate_patient_split_and_leak_guard(feats):
+    secs = [feats[s] for s in SECTIONS]
+    df = stfm.tl.cross_validate(secs, method="ridge", embedding_key=EMB, n_top_genes=20)
+    assert set(df["test_section"]) == {"B4", "C2", "C3"}
+    b4 = df.set_index("test_section").loc["B4"]
+    assert b4["train_sections"] == "C2,C3" and not b4["leaky"]
+    assert df.loc[df.test_section == "C2", "train_sections"].item() == "B4"
+    assert df["pearson_all"].between(-1, 1).all() and df.attrs["protocol"]["split"] == "patient"
+    # the leak guard: a fold training on the test patient's other section
+    with pytest.raises(ValueError, match=r"leaks patient-specific signal.*split='section'"):
+        stfm.tl.cross_validate(secs, method="ridge", embedding_key=EMB, folds=[(["C2", "B4"], ["C3"])])
+    leaky = stfm.tl.cross_validate(
+        secs, method="ridge", embedding_key=EMB, split="section", folds=[(["C2", "B4"], ["C3"])], n_top_genes=20
+    )
+    assert leaky["leaky"].all() and leaky["split"].eq("section").all()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input → clear errors
+# ------------------------------------------------------------------------------------------------
+def test_error_embedding_missing(feats):
+    a = feats["C2"].copy()
+    del a.obsm[EMB]
+    with pytest.raises(KeyError, match=r"stfm\.pp\.extract_features\(adata, 'efficientnet_lite0'\)"):
+        stfm.tl.fit_expression(a, embedding_key=EMB)
+
+
+def test_error_counts_not_integer_or_negative(feats):
+    a = feats["C2"][:, :50].copy()
+    a.X = a.X.astype(np.float32) * 0.5
+    with pytest.raises(ValueError, match="non-integer values.*raw integer counts"):
+        stfm.tl.fit_expression(a, method="zinb", embedding_key=EMB)
+    a.X = -feats["C2"][:, :50].X.astype(np.float32)
+    with pytest.raises(ValueError, match="negative values"):
+        stfm.tl.fit_expression(a, method="zinb", embedding_key=EMB)
+
+
+def test_error_query_embedding_dimension_or_encoder(zinb, ridge, feats):
+    q = he_only(feats["B4"])
+    q.obsm[EMB] = q.obsm[EMB][:, :512]
+    with pytest.raises(ValueError, match="512 dimensions but the model was trained on 1280"):
+        stfm.tl.predict_expression(q, zinb)
+    with pytest.raises(ValueError, match="512 dimensions"):
+        stfm.tl.predict_expression(q, ridge)
+    q = he_only(feats["B4"])
+    q.uns["stfm"][EMB]["encoder"] = "uni2_h"
+    with pytest.raises(ValueError, match="encoder 'uni2_h'.*trained on 'efficientnet_lite0'"):
+        stfm.tl.predict_expression(q, zinb)
+
+
+def test_error_genes_not_predicted(zinb, feats):
+    with pytest.raises(ValueError, match=r"1 requested genes are not predicted.*NOT_A_GENE"):
+        stfm.tl.predict_expression(feats["B4"][:, zinb.genes].copy(), zinb, genes=["NOT_A_GENE"])
+    with pytest.raises(ValueError, match=r"genes are not predicted by ExpressionPredictor.*stfm\.get\.model_genes"):
+        stfm.tl.predict_expression(feats["B4"], zinb)
+
+
+def test_error_single_section_patient_split(feats):
+    with pytest.raises(ValueError, match="single section"):
+        stfm.tl.cross_validate([feats["B4"]], method="ridge", embedding_key=EMB)
+    with pytest.raises(ValueError, match="split='patient' needs sections from at least two patients"):
+        stfm.tl.cross_validate([feats["C2"], feats["C3"]], method="ridge", embedding_key=EMB)
+
+
+def test_error_nan_inf_embedding(zinb, feats):
+    a = feats["C2"].copy()
+    a.obsm[EMB] = a.obsm[EMB].copy()
+    a.obsm[EMB][3, 0] = np.nan
+    a.obsm[EMB][5, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf values in 2 of"):
+        stfm.tl.fit_expression(a, embedding_key=EMB)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stfm.tl.predict_expression(a[:, zinb.genes].copy(), zinb)
+
+
+def test_error_empty_section(feats):
+    empty = feats["C3"][:0].copy()
+    with pytest.raises(ValueError, match="empty"):
+        stfm.tl.fit_expression([feats["C2"], empty], embedding_key=EMB)
+    with pytest.raises(ValueError, match="empty section"):
+        stfm.tl.cross_validate([feats["B4"], feats["C2"], empty], method="ridge", embedding_key=EMB)
+    a = ad.concat([feats["C2"], feats["C3"]], join="inner", index_unique="-")[:, :30].copy()
+    x = a.X.toarray()
+    x[(a.obs["section"] == "C3").to_numpy()] = 0
+    a.X = sparse.csr_matrix(x)
+    with pytest.raises(ValueError, match=r"Section\(s\) \['C3'\] have no counts"):
+        stfm.model.ExpressionPredictor.setup_anndata(a, embedding_key=EMB, section_key="section")
+
+
+def test_error_copy_and_inplace(zinb, feats):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        stfm.tl.predict_expression(feats["B4"], zinb, copy=True, inplace=False)
+    with pytest.raises(ValueError, match="SpatialData naming rules"):
+        stfm.tl.predict_expression(feats["B4"][:, zinb.genes].copy(), zinb, key_added="bad key")
+    with pytest.raises(KeyError, match=r"Run `stfm.tl.predict_expression"):
+        stfm.tl.evaluate_expression(feats["B4"])
