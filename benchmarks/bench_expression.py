@@ -90,7 +90,7 @@ def load_sections():
     return out
 
 
-def run_fold(sections, train, test, method, label, fit_kwargs, leaky=False):
+def run_fold(sections, train, test, method, label, fit_kwargs, *, leaky=False):
     """Fit on ``train``, predict and score every section of ``test``; one row per test section."""
     import stfm
 
@@ -148,7 +148,6 @@ def main():
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "scvi", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import stfm
     import torch
 
     torch.set_num_threads(2)
@@ -203,8 +202,9 @@ def main():
 
 
 def write_report(rows, sel_rows, chosen, args, total):
-    import stfm
     import torch
+
+    import stfm
 
     df = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
@@ -222,7 +222,13 @@ def write_report(rows, sel_rows, chosen, args, total):
         return "\n".join([head, sep, *body])
 
     summary = (
-        df.assign(fold=df["split"] + ": " + df["train"] + " → " + np.where(df["split"] == "patient", df["test"].where(df["test"] == "B4", "C2–C6"), "each C section"))
+        df.assign(
+            fold=df["split"]
+            + ": "
+            + df["train"]
+            + " → "
+            + np.where(df["split"] == "patient", df["test"].where(df["test"] == "B4", "C2–C6"), "each C section")
+        )
         .groupby(["fold", "method"], sort=False)[["pearson", "mse", "mae", "train_s", "peak_mem_mb"]]
         .mean()
         .reset_index()

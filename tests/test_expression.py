@@ -5,21 +5,22 @@ Real her2st sections with real ``efficientnet_lite0`` features (conftest ``secti
 
 from __future__ import annotations
 
-import warnings
-
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import needs_her2st, sections_with_features
 from scipy import sparse
 
 import stfm
-from tests.conftest import needs_her2st, sections_with_features
 
 EMB = "X_efficientnet_lite0"
 SECTIONS = ("B4", "C2", "C3")
 
-pytestmark = [needs_her2st, pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [
+    needs_her2st,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,12 @@ def test_predictions_reproducible_with_seed(feats):
 
 def test_zinb_loss_decreases_on_real_data(zinb, feats):
     model = stfm.tl.fit_expression(
-        [feats["C2"], feats["C3"]], method="zinb", embedding_key=EMB, n_top_genes=20, max_epochs=12, seed=0,
+        [feats["C2"], feats["C3"]],
+        method="zinb",
+        embedding_key=EMB,
+        n_top_genes=20,
+        max_epochs=12,
+        seed=0,
         train_kwargs={"early_stopping": False},
     )
     loss = model.history["train_loss"].to_numpy().ravel()
@@ -116,7 +122,12 @@ def test_zinb_loss_decreases_on_real_data(zinb, feats):
 
 def test_neighbor_pooling_stored_and_recomputed_for_queries(feats):
     model = stfm.tl.fit_expression(
-        [feats["C2"], feats["C3"]], method="zinb", embedding_key=EMB, n_top_genes=10, max_epochs=1, neighbor_pooling=(4, 8)
+        [feats["C2"], feats["C3"]],
+        method="zinb",
+        embedding_key=EMB,
+        n_top_genes=10,
+        max_epochs=1,
+        neighbor_pooling=(4, 8),
     )
     assert model.module.n_input == 3 * 1280
     assert "X_efficientnet_lite0_nbr4-8" in model.adata.obsm
@@ -282,7 +293,7 @@ def test_error_embedding_missing(feats):
 def test_error_counts_not_integer_or_negative(feats):
     a = feats["C2"][:, :50].copy()
     a.X = a.X.astype(np.float32) * 0.5
-    with pytest.raises(ValueError, match="non-integer values.*raw integer counts"):
+    with pytest.raises(ValueError, match=r"non-integer values.*raw integer counts"):
         stfm.tl.fit_expression(a, method="zinb", embedding_key=EMB)
     a.X = -feats["C2"][:, :50].X.astype(np.float32)
     with pytest.raises(ValueError, match="negative values"):
@@ -292,13 +303,13 @@ def test_error_counts_not_integer_or_negative(feats):
 def test_error_query_embedding_dimension_or_encoder(zinb, ridge, feats):
     q = he_only(feats["B4"])
     q.obsm[EMB] = q.obsm[EMB][:, :512]
-    with pytest.raises(ValueError, match="512 dimensions but the model was trained on 1280"):
+    with pytest.raises(ValueError, match=r"512 dimensions but the model was trained on 1280"):
         stfm.tl.predict_expression(q, zinb)
     with pytest.raises(ValueError, match="512 dimensions"):
         stfm.tl.predict_expression(q, ridge)
     q = he_only(feats["B4"])
     q.uns["stfm"][EMB]["encoder"] = "uni2_h"
-    with pytest.raises(ValueError, match="encoder 'uni2_h'.*trained on 'efficientnet_lite0'"):
+    with pytest.raises(ValueError, match=r"encoder 'uni2_h'.*trained on 'efficientnet_lite0'"):
         stfm.tl.predict_expression(q, zinb)
 
 

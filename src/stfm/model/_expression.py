@@ -52,7 +52,11 @@ def check_embedding(adata: AnnData, embedding_key: str, *, n_dims: int | None = 
         msg = (
             f"`adata.obsm[{embedding_key!r}]` not found (available: {sorted(adata.obsm.keys())}). Compute the "
             f"embedding first with `stfm.pp.extract_features(adata, {enc!r})`"
-            + (f" (it writes `obsm[{embedding_key!r}]`)." if embedding_key.startswith("X_") else f", key_added={embedding_key!r}).")
+            + (
+                f" (it writes `obsm[{embedding_key!r}]`)."
+                if embedding_key.startswith("X_")
+                else f", key_added={embedding_key!r})."
+            )
         )
         raise KeyError(msg)
     emb = adata.obsm[embedding_key]
@@ -199,7 +203,7 @@ class _ValidationMonitor(Callback):
         ok = den > 1e-12
         return float(((p * t).sum(0)[ok] / den[ok]).mean()) if bool(ok.any()) else None
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         score = self._score(trainer, pl_module)
@@ -213,7 +217,7 @@ class _ValidationMonitor(Callback):
         elif self.patience is not None and self.best_epoch is not None and epoch - self.best_epoch >= self.patience:
             trainer.should_stop = True
 
-    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+    def on_train_end(self, trainer, pl_module) -> None:
         if self.state is not None:
             pl_module.module.load_state_dict(self.state)
 
@@ -521,7 +525,11 @@ class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
                 check_counts(AnnData(X=src))
             except ValueError:
                 src = None  # not counts (e.g. a normalised query): predictions do not need them
-        x = sparse.csr_matrix(src, dtype=np.float32) if src is not None else sparse.csr_matrix((n, len(genes)), dtype=np.float32)
+        x = (
+            sparse.csr_matrix(src, dtype=np.float32)
+            if src is not None
+            else sparse.csr_matrix((n, len(genes)), dtype=np.float32)
+        )
         sec_key, pat_key = setup.get("section_key"), setup.get("patient_key")
         obs = pd.DataFrame(index=pd.Index(np.arange(n).astype(str)))
         for key in (sec_key, pat_key):
@@ -541,9 +549,13 @@ class ExpressionPredictor(UnsupervisedTrainingMixin, BaseModelClass):
             )
         q.uns["_stfm_has_counts"] = src is not None
         if self.adata_manager is None:
-            type(self).setup_anndata(q, source_registry=self.registry_, extend_categories=True, **{
-                k: v for k, v in setup.items() if k != "neighbor_pooling"
-            }, neighbor_pooling=tuple(ks) if ks else None)
+            type(self).setup_anndata(
+                q,
+                source_registry=self.registry_,
+                extend_categories=True,
+                **{k: v for k, v in setup.items() if k != "neighbor_pooling"},
+                neighbor_pooling=tuple(ks) if ks else None,
+            )
             self._adata = q
             self._adata_manager = self._get_most_recent_anndata_manager(q, required=True)
             self._register_manager_for_instance(self._adata_manager)

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,7 +140,7 @@ class RidgeProbe:
         *,
         library_size: float | Literal["observed", "predicted"] = 1e4,
         use_rep: str | None = None,
-        **kwargs: Any,  # noqa: ARG002 (surface parity with ExpressionPredictor.predict)
+        **kwargs: Any,
     ) -> np.ndarray:
         """Predicted expression, float32 ``(n_obs, n_genes)``.
 
@@ -160,7 +159,11 @@ class RidgeProbe:
                     "some of them. Pass a number (e.g. 1e4) or 'predicted'."
                 )
                 raise ValueError(msg)
-            x = src[:, self._genes].X if self.layer is None or self.layer not in src.layers else src[:, self._genes].layers[self.layer]
+            x = (
+                src[:, self._genes].X
+                if self.layer is None or self.layer not in src.layers
+                else src[:, self._genes].layers[self.layer]
+            )
             target = np.asarray(x.sum(axis=1)).ravel()
         else:
             target = check_positive(library_size, name="library_size")
@@ -230,5 +233,3 @@ class RidgeProbe:
     def __repr__(self) -> str:
         state = f"trained, alpha={self.alpha_:.3g}, {self.n_components_} PCs" if self.is_trained_ else "not trained"
         return f"RidgeProbe(`obsm[{self.embedding_key_!r}]` → {len(self._genes)} genes, log1p; {state})"
-
-

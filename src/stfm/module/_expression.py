@@ -122,7 +122,7 @@ class ExpressionModule(BaseModuleClass):
         tensors: dict[str, torch.Tensor],
         inference_outputs: dict[str, torch.Tensor],
         generative_outputs: dict[str, torch.Tensor],
-        kl_weight: float = 1.0,  # noqa: ARG002 (passed by scvi's TrainingPlan; there is no KL term)
+        kl_weight: float = 1.0,
     ) -> LossOutput:
         """ZINB negative log-likelihood summed over genes + weighted Gaussian loss on the log library size."""
         x = tensors[EXPR_KEYS.X_KEY]
@@ -138,7 +138,9 @@ class ExpressionModule(BaseModuleClass):
         )
 
     @torch.inference_mode()
-    def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1, library: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, tensors: dict[str, torch.Tensor], n_samples: int = 1, library: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Draw counts from the fitted ZINB: shape ``(n_samples, n_obs, n_genes)`` (``n_samples=1`` squeezed).
 
         ``library=None`` uses the observed library size when counts are in ``tensors``, else the predicted one.

@@ -194,7 +194,9 @@ def spatial_pred(
     for j, g in enumerate(genes):
         panels.append((f"{g} predicted", pred[:, j], norms[j]))
         if meas is not None:
-            panels.append((f"{g} measured" + (" (normalised)" if _library_size_of(table, layer) else ""), meas[:, j], norms[j]))
+            panels.append(
+                (f"{g} measured" + (" (normalised)" if _library_size_of(table, layer) else ""), meas[:, j], norms[j])
+            )
     if title is not None:
         titles = [title] if isinstance(title, str) else list(title)
         if len(titles) != len(panels):
@@ -205,7 +207,8 @@ def spatial_pred(
     n_cols = 2 if meas is not None else min(ncols, len(panels))
     n_rows = int(np.ceil(len(panels) / n_cols))
     if ax is None:
-        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 4.0 * n_rows), squeeze=False)
+        width = 5.2 if is_spatialdata(data) else 4.2  # spatialdata-plot adds a labelled colour bar
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, 4.0 * n_rows), squeeze=False)
         axes = list(axes.ravel())
         for extra in axes[len(panels) :]:
             extra.set_axis_off()
@@ -218,7 +221,9 @@ def spatial_pred(
     cmap = cmap or "viridis"
 
     if is_spatialdata(data):
-        _draw_spatialdata(data, table, table_key, panels, axes, shapes_key, image_key, img, img_alpha, cmap, size, kwargs)
+        _draw_spatialdata(
+            data, table, table_key, panels, axes, shapes_key, image_key, img, img_alpha, cmap, size, kwargs
+        )
     else:
         _draw_anndata(table, panels, axes, library_id, library_key, spatial_key, img, img_alpha, cmap, size, kwargs)
 
@@ -229,7 +234,9 @@ def spatial_pred(
     return fig if return_fig else None
 
 
-def _draw_anndata(table, panels, axes, library_id, library_key, spatial_key, img, img_alpha, cmap, size, kwargs) -> None:
+def _draw_anndata(
+    table, panels, axes, library_id, library_key, spatial_key, img, img_alpha, cmap, size, kwargs
+) -> None:
     import squidpy as sq
     from anndata import AnnData
 
@@ -265,7 +272,9 @@ def _draw_anndata(table, panels, axes, library_id, library_key, spatial_key, img
         )
 
 
-def _draw_spatialdata(sdata, table, table_key, panels, axes, shapes_key, image_key, img, img_alpha, cmap, size, kwargs) -> None:
+def _draw_spatialdata(
+    sdata, table, table_key, panels, axes, shapes_key, image_key, img, img_alpha, cmap, size, kwargs
+) -> None:
     import spatialdata_plot  # noqa: F401 (registers the `.pl` accessor)
     from anndata import AnnData
     from spatialdata import SpatialData
@@ -303,4 +312,4 @@ def _draw_spatialdata(sdata, table, table_key, panels, axes, shapes_key, image_k
             pl = pl.render_images(image_key, alpha=1.0 if img_alpha is None else img_alpha).pl
         pl.render_shapes(
             shapes_key, color=col, table_name=name, cmap=cmap, norm=norm, scale=1.0 if size is None else size, **kwargs
-        ).pl.show(coordinate_systems=cs, ax=a, title=title, colorbar_params={"label": ""})
+        ).pl.show(coordinate_systems=cs, ax=a, title=title)

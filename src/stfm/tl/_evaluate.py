@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -264,7 +264,9 @@ def cross_validate(
     patient_of: dict[str, str] = {}
     for sec, a in sections.items():
         if patient_key not in a.obs:
-            msg = f"`obs[{patient_key!r}]` not found for section {sec!r}; pass `patient_key=` naming the patient column."
+            msg = (
+                f"`obs[{patient_key!r}]` not found for section {sec!r}; pass `patient_key=` naming the patient column."
+            )
             raise KeyError(msg)
         pats = a.obs[patient_key].astype(str).unique()
         if len(pats) != 1:
@@ -289,7 +291,9 @@ def cross_validate(
                     "labelled leaky)."
                 )
                 raise ValueError(msg)
-            folds = [([s for s in names if patient_of[s] != p], [s for s in names if patient_of[s] == p]) for p in patients]
+            folds = [
+                ([s for s in names if patient_of[s] != p], [s for s in names if patient_of[s] == p]) for p in patients
+            ]
         else:
             folds = [([s for s in names if s != t], [t]) for t in names]
     else:

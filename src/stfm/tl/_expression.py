@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..model._expression import ExpressionPredictor
     from ..model._ridge import RidgeProbe
 
-__all__ = ["fit_expression", "load_model", "predict_expression", "concat_sections", "select_genes"]
+__all__ = ["concat_sections", "fit_expression", "load_model", "predict_expression", "select_genes"]
 
 Method = Literal["zinb", "ridge"]
 
@@ -464,7 +464,9 @@ def predict_expression(
         "n_genes": len(out_genes),
         "n_models": len(members),
         "training_sections": list(getattr(members[0], "training_sections_", [])),
-        "layer_holds": "NB mean l*scale (normalised mean x library size)" if not is_ridge else "expm1(predicted log1p counts), rescaled to library_size",
+        "layer_holds": "NB mean l*scale (normalised mean x library size)"
+        if not is_ridge
+        else "expm1(predicted log1p counts), rescaled to library_size",
     }
 
     if not inplace:
