@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="fewer epochs (smoke run; numbers not comparable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pca", action="store_true", help="skip the stfm PCA-embedding variant")
+    parser.add_argument("--no-scvi", action="store_true", help="skip the stfm scVI-embedding variant")
     parser.add_argument("--a1-image-only", action="store_true", help="run only the A1 within-section image experiment")
     args = parser.parse_args()
 
@@ -139,7 +140,7 @@ def main() -> None:
         print("\n".join(lines))
         return
     secs = {s: stfm.datasets.her2st(s) for s in SECTIONS}
-    variants = [("stfm expression (scVI)", "scvi", "X_scvi_expr")]
+    variants = [] if args.no_scvi else [("stfm expression (scVI)", "scvi", "X_scvi_expr")]
     if not args.no_pca:
         variants.append(("stfm expression (PCA)", "pca", "X_pca_expr"))
     rows = []

@@ -96,6 +96,15 @@ def test_train_detect_save_load(fitted, synth, tmp_path):
     stfm.tl.detect_cancer_regions(q2, tmp_path / "clf")  # a path works as `model`
     np.testing.assert_allclose(q2.obs["cancer_region_score"], q.obs["cancer_region_score"], atol=1e-6)
     np.testing.assert_array_equal(q2.obs["cancer_region"], q.obs["cancer_region"])
+    # only weights and plain values are unpickled
+    import torch
+
+    (tmp_path / "bad").mkdir()
+    torch.save({"attr_dict": {"x": pd.DataFrame({"a": [1]})}}, tmp_path / "bad" / "model.pt")
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        stfm.model.CancerClassifier.load(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="No saved CancerClassifier"):
+        stfm.model.CancerClassifier.load(tmp_path / "nothing")
 
 
 def test_either_modality_may_be_missing(fitted, synth):

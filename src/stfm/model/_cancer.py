@@ -67,6 +67,17 @@ def _modality_tokens(
     return x, ctx.reshape(n, -1), ctx_mask, present.astype(np.float32)
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` with every dict subclass (scvi's ``defaultdict``) turned into a plain dict, recursively."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
 class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
     """Tumour / non-tumour classifier fusing a histology embedding, an expression embedding and their context.
 
@@ -384,15 +395,42 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(msg)
         dir_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".stfm_cancer_", dir=dir_path.parent))
+        history = self.history_
         try:
+            # training history as plain lists, so that the file loads with ``weights_only=True`` (no pandas pickles)
+            if isinstance(history, dict):
+                self.history_ = {k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in history.items()}
             super().save(str(tmp / "model"), overwrite=True, save_anndata=False, **kwargs)
+            # scvi's registry holds a defaultdict, which ``weights_only`` loading refuses: store plain dicts
+            saved = tmp / "model" / "model.pt"
+            torch.save(_plain(torch.load(saved, map_location="cpu", weights_only=False)), saved)
             if dir_path.exists():
                 shutil.rmtree(dir_path)
             (tmp / "model").rename(dir_path)
         finally:
+            self.history_ = history
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike[str], adata: AnnData | None = None, **kwargs: Any) -> CancerClassifier:
-        """Load a saved classifier; ``adata`` is optional (queries are passed to :meth:`predict`)."""
+        """Load a saved classifier; ``adata`` is optional (queries are passed to :meth:`predict`).
+
+        The file is first read with ``torch.load(weights_only=True)`` (tensors, numbers, strings and numpy arrays
+        only); a file holding anything else is refused before scvi-tools unpickles it.
+        """
+        import pickle
+        from pathlib import Path
+
+        path = Path(dir_path) / "model.pt"
+        if not path.is_file():
+            msg = f"No saved CancerClassifier in {str(dir_path)!r} (expected {str(path)!r}). Save one with `model.save(dir_path)`."
+            raise FileNotFoundError(msg)
+        safe = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype, bytes]
+        safe += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+        try:
+            with torch.serialization.safe_globals(safe):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            msg = f"{str(path)!r} holds objects other than weights and plain values; refusing to unpickle it ({type(err).__name__})."
+            raise ValueError(msg) from err
         return super().load(str(dir_path), adata=adata if adata is not None else False, **kwargs)
