@@ -309,3 +309,23 @@ def test_provenance_survives_h5ad(b4, lite0, tmp_path: Path):
     back = ad_.read_h5ad(tmp_path / "x.h5ad")
     np.testing.assert_array_equal(back.obsm[KEY], ad.obsm[KEY])
     assert back.uns["stfm"][KEY]["tile_um"] == pytest.approx(112.0)
+
+
+def test_each_tile_read_once_with_workers(b4, lite0, monkeypatch):
+    """The DataLoader runs one set of workers and reads every tile exactly once (no duplicate prefetch)."""
+    import multiprocessing as mp
+
+    from stfm.data import TileDataset
+
+    counter = mp.Value("i", 0)  # shared memory, inherited by forked workers
+    original = TileDataset.read_tile
+
+    def counting(self, i):
+        with counter.get_lock():
+            counter.value += 1
+        return original(self, i)
+
+    monkeypatch.setattr(TileDataset, "read_tile", counting)
+    ad = _subset(b4, 12)
+    stfm.pp.extract_features(ad, lite0, batch_size=4, num_workers=1, show_progress_bar=True, cache=False)
+    assert counter.value == 12

@@ -28,10 +28,14 @@ _STATE: dict[str, bool] = {"tuned": False}
 def _libc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
+    for name in ("libc.so.6", ctypes.util.find_library("c")):  # find_library forks ldconfig: only as a fallback
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
 
 
 def tune_malloc() -> bool:

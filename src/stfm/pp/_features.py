@@ -734,7 +734,10 @@ def _embed(
     autocast = torch.autocast(device_type=dev.type, dtype=dtype) if use_amp else contextlib.nullcontext()
     start = 0
     with torch.inference_mode(), autocast:
-        for batch in tqdm(loader, total=len(loader), disable=not progress, desc="extract_features", unit="batch"):
+        # tqdm.auto's tqdm calls iter() on what it wraps and then iterates it again: hand it an iterator, or a
+        # DataLoader would start (and prefetch with) a second, unused set of workers.
+        batches = iter(loader)
+        for batch in tqdm(batches, total=len(loader), disable=not progress, desc="extract_features", unit="batch"):
             x = batch.to(dev, non_blocking=cuda).permute(0, 3, 1, 2)  # (B, H, W, 3) -> channels-last (B, 3, H, W)
             f = enc(x)
             b = x.shape[0]
