@@ -154,7 +154,7 @@ def main() -> None:
             stfm.tl.expression_embedding(fold, method=method, reference=ref_names, n_comps=16, max_epochs=scvi_epochs, seed=args.seed)
             model = stfm.tl.fit_cancer_model(
                 {s: fold[s] for s in ref_names}, label_key="pathologist_label", positive=POSITIVE, ignore=IGNORE,
-                expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs={"d_model": 32, "dropout": 0.3},
+                expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs=None,
             )  # fmt: skip
             q = fold[test]
             stfm.tl.detect_cancer_regions(q, model, label_key="pathologist_label")

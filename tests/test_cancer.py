@@ -14,7 +14,7 @@ import stfm
 from stfm.tl._cancer import call_regions
 
 POS = ("invasive cancer", "cancer in situ")
-FAST = {"max_epochs": 5, "batch_size": 64, "model_kwargs": {"d_model": 16, "n_layers": 1, "n_heads": 2}}
+FAST = {"max_epochs": 5, "batch_size": 64, "model_kwargs": {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.1}}
 
 
 def synth_section(name: str, seed: int, *, n_side: int = 11, d_img: int = 12, d_expr: int = 8, shift: float = 0.0) -> AnnData:

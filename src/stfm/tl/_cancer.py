@@ -364,7 +364,7 @@ def fit_cancer_model(
     n_sectors: int = 4,
     validation: Literal["sections", "none"] = "sections",
     threshold_criterion: Literal["f1", "youden"] = "f1",
-    max_epochs: int = 40,
+    max_epochs: int = 30,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
