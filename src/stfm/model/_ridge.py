@@ -58,7 +58,8 @@ class RidgeProbe:
         n_components: int = 256,
         alpha: float | None = None,
     ) -> None:
-        from ._expression import _recorded_encoder, check_counts, check_embedding
+        from ._checks import check_counts, check_embedding
+        from ._checks import recorded_encoder as _recorded_encoder
 
         check_embedding(adata, embedding_key)
         check_counts(adata, layer)
@@ -86,7 +87,7 @@ class RidgeProbe:
         from sklearn.linear_model import Ridge
         from sklearn.preprocessing import StandardScaler
 
-        from ._expression import check_embedding
+        from ._checks import check_embedding
 
         emb = check_embedding(self.adata, self.embedding_key_).astype(np.float64)
         x = self.adata.X if self.layer is None else self.adata.layers[self.layer]
@@ -117,7 +118,8 @@ class RidgeProbe:
 
     def predict_log1p(self, adata: AnnData | None = None, *, use_rep: str | None = None) -> np.ndarray:
         """Predicted ``log1p`` counts, float64 ``(n_obs, n_genes)`` (unclipped; what HEST correlates)."""
-        from ._expression import _recorded_encoder, check_embedding
+        from ._checks import check_embedding
+        from ._checks import recorded_encoder as _recorded_encoder
 
         self._check_trained()
         adata = self.adata if adata is None else adata

@@ -174,7 +174,8 @@ def fit_expression(
     fewer, chosen among the panel on the reference) for :func:`evaluate_expression`; ``model.training_sections_``
     lists the sections used; ``model.fit_time_s_`` the training wall time.
     """
-    from ..model._expression import ExpressionPredictor, _recorded_encoder, check_counts, check_embedding
+    from ..model._checks import check_counts, check_embedding
+    from ..model._checks import recorded_encoder as _recorded_encoder
     from ..model._ridge import RidgeProbe
 
     if method not in ("zinb", "ridge"):
@@ -212,6 +213,8 @@ def fit_expression(
         model.train()
     else:
         import scvi
+
+        from ..model._expression import ExpressionPredictor
 
         ExpressionPredictor.setup_anndata(
             train,

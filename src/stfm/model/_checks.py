@@ -1,0 +1,148 @@
+"""Input checks and neighbour pooling shared by the expression models and tools (no torch / scvi import)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+__all__ = ["check_counts", "check_embedding", "pool_neighbors", "recorded_encoder"]
+
+
+# --------------------------------------------------------------------------------------------------
+# input checks shared with the tools
+# --------------------------------------------------------------------------------------------------
+def _encoder_from_key(embedding_key: str) -> str:
+    return embedding_key[2:] if embedding_key.startswith("X_") else embedding_key
+
+
+def recorded_encoder(adata: AnnData, embedding_key: str) -> str | None:
+    """Encoder named in ``uns['stfm'][embedding_key]`` (written by :func:`stfm.pp.extract_features`), if any."""
+    store = adata.uns.get("stfm", {})
+    prov = store.get(embedding_key, {}) if hasattr(store, "get") else {}
+    if not hasattr(prov, "get"):
+        return None
+    enc = prov.get("encoder", prov.get("model"))
+    return None if enc is None else str(enc)
+
+
+def check_embedding(adata: AnnData, embedding_key: str, *, n_dims: int | None = None) -> np.ndarray:
+    """Return ``obsm[embedding_key]`` as float32 after checking it exists, is 2-D, finite and of the expected width."""
+    if embedding_key not in adata.obsm:
+        enc = _encoder_from_key(embedding_key)
+        msg = (
+            f"`adata.obsm[{embedding_key!r}]` not found (available: {sorted(adata.obsm.keys())}). Compute the "
+            f"embedding first with `stfm.pp.extract_features(adata, {enc!r})`"
+            + (
+                f" (it writes `obsm[{embedding_key!r}]`)."
+                if embedding_key.startswith("X_")
+                else f", key_added={embedding_key!r})."
+            )
+        )
+        raise KeyError(msg)
+    emb = adata.obsm[embedding_key]
+    emb = np.asarray(emb.values if isinstance(emb, pd.DataFrame) else emb)
+    if emb.ndim != 2:
+        msg = f"Expected `obsm[{embedding_key!r}]` to be a 2-D array (n_obs, n_dims), found shape {emb.shape}."
+        raise ValueError(msg)
+    if not np.issubdtype(emb.dtype, np.number):
+        msg = f"Expected a numeric embedding in `obsm[{embedding_key!r}]`, found dtype {emb.dtype}."
+        raise TypeError(msg)
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        ex = list(adata.obs_names[bad][:3])
+        msg = (
+            f"`obsm[{embedding_key!r}]` has NaN or inf values in {int(bad.sum())} of {adata.n_obs} rows (e.g. {ex}). "
+            "Re-run `stfm.pp.extract_features` for these spots or drop them (`adata = adata[mask]`) first."
+        )
+        raise ValueError(msg)
+    if n_dims is not None and emb.shape[1] != n_dims:
+        msg = (
+            f"The embedding `obsm[{embedding_key!r}]` has {emb.shape[1]} dimensions but the model was trained on "
+            f"{n_dims}-dimensional embeddings. Extract the query features with the same encoder as the training data."
+        )
+        raise ValueError(msg)
+    return emb.astype(np.float32, copy=False)
+
+
+def check_counts(adata: AnnData, layer: str | None = None) -> None:
+    """Raise unless ``X`` / ``layers[layer]`` holds non-negative integer counts."""
+    where = "X" if layer is None else f"layers[{layer!r}]"
+    if layer is not None and layer not in adata.layers:
+        msg = f"`adata.layers[{layer!r}]` not found. Available layers: {sorted(adata.layers.keys())}."
+        raise KeyError(msg)
+    x = adata.X if layer is None else adata.layers[layer]
+    if x is None:
+        msg = f"`adata.{where}` is empty; the ZINB model needs raw counts there."
+        raise ValueError(msg)
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        msg = f"`adata.{where}` has NaN or inf values; the ZINB model needs raw, non-negative integer counts."
+        raise ValueError(msg)
+    if values.min() < 0:
+        msg = (
+            f"`adata.{where}` has negative values (min {values.min():.3g}); the ZINB model needs raw, non-negative "
+            "integer counts. Pass `layer=` naming a layer of raw counts (e.g. `adata.layers['counts']`)."
+        )
+        raise ValueError(msg)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
+        msg = (
+            f"`adata.{where}` holds non-integer values (e.g. {values[np.mod(values, 1) != 0][0]:.4g}), as after "
+            "`normalize_total`/`log1p`; the ZINB model needs raw integer counts. Pass `layer=` naming a layer of raw "
+            "counts, or use `method='ridge'`."
+        )
+        raise ValueError(msg)
+
+
+def _section_labels(adata: AnnData, section_key: str | None) -> np.ndarray:
+    if section_key is None:
+        return np.zeros(adata.n_obs, dtype=object)
+    if section_key not in adata.obs:
+        msg = f"`adata.obs[{section_key!r}]` not found. Available columns: {sorted(adata.obs.columns)}."
+        raise KeyError(msg)
+    return adata.obs[section_key].astype(str).to_numpy()
+
+
+def pool_neighbors(
+    adata: AnnData,
+    embedding_key: str,
+    n_neighbors: Sequence[int],
+    *,
+    section_key: str | None = None,
+    spatial_key: str = "spatial",
+) -> np.ndarray:
+    """Concatenate the embedding with its mean over the ``k`` nearest spots, for each ``k``, within each section.
+
+    Returns an array of shape ``(n_obs, n_dims * (1 + len(n_neighbors)))``; neighbours never cross sections.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    emb = check_embedding(adata, embedding_key)
+    if spatial_key not in adata.obsm:
+        msg = (
+            f"Neighbour pooling needs spot coordinates in `adata.obsm[{spatial_key!r}]`; available: "
+            f"{sorted(adata.obsm.keys())}. Pass `neighbor_pooling=None` or add the coordinates."
+        )
+        raise KeyError(msg)
+    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    labels = _section_labels(adata, section_key)
+    out = [emb] + [np.empty_like(emb) for _ in n_neighbors]
+    for lab in pd.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        kmax = min(max(n_neighbors), len(idx) - 1)
+        if kmax < 1:
+            for j in range(len(n_neighbors)):
+                out[j + 1][idx] = emb[idx]
+            continue
+        nn_ = NearestNeighbors(n_neighbors=kmax + 1).fit(xy[idx])
+        _, nbr = nn_.kneighbors(xy[idx])
+        nbr = nbr[:, 1:]  # drop the spot itself
+        for j, k in enumerate(n_neighbors):
+            kk = min(k, kmax)
+            out[j + 1][idx] = emb[idx][nbr[:, :kk]].mean(axis=1)
+    return np.concatenate(out, axis=1).astype(np.float32)
