@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pca", action="store_true", help="skip the stfm PCA-embedding variant")
     parser.add_argument("--no-scvi", action="store_true", help="skip the stfm scVI-embedding variant")
+    parser.add_argument("--criterion", default="f1", choices=["f1", "youden"], help="threshold criterion on validation")
     parser.add_argument("--a1-image-only", action="store_true", help="run only the A1 within-section image experiment")
     args = parser.parse_args()
 
@@ -140,9 +141,10 @@ def main() -> None:
         print("\n".join(lines))
         return
     secs = {s: stfm.datasets.her2st(s) for s in SECTIONS}
-    variants = [] if args.no_scvi else [("stfm expression (scVI)", "scvi", "X_scvi_expr")]
+    tag = "" if args.criterion == "f1" else f", {args.criterion} threshold"
+    variants = [] if args.no_scvi else [(f"stfm expression (scVI{tag})", "scvi", "X_scvi_expr")]
     if not args.no_pca:
-        variants.append(("stfm expression (PCA)", "pca", "X_pca_expr"))
+        variants.append((f"stfm expression (PCA{tag})", "pca", "X_pca_expr"))
     rows = []
     timings = {}
     t_all = time.time()
@@ -154,7 +156,7 @@ def main() -> None:
             stfm.tl.expression_embedding(fold, method=method, reference=ref_names, n_comps=16, max_epochs=scvi_epochs, seed=args.seed)
             model = stfm.tl.fit_cancer_model(
                 {s: fold[s] for s in ref_names}, label_key="pathologist_label", positive=POSITIVE, ignore=IGNORE,
-                expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs=None,
+                expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs=None, threshold_criterion=args.criterion,
             )  # fmt: skip
             q = fold[test]
             stfm.tl.detect_cancer_regions(q, model, label_key="pathologist_label")
