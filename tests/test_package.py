@@ -89,16 +89,26 @@ def test_download_path_checksums(http_mirror, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not HAS_HER2ST, reason="her2st mirror not found (set STFM_DATA_DIR)")
 def test_demo_end_to_end(tmp_path):
+    """The README's main job, with `--fast` (few epochs): every step runs and every output is written."""
+    import pandas as pd
     import spatialdata as sd
 
     env = {**os.environ, "STFM_DATA_DIR": str(DATA_DIR), "STFM_CACHE_DIR": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "stfm", "demo", "--out", str(tmp_path / "out")], env=env,
+    proc = subprocess.run([sys.executable, "-m", "stfm", "demo", "--fast", "--out", str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=1500)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"outputs written to {tmp_path / 'out'}" in proc.stdout
-    sdata = sd.read_zarr(tmp_path / "out" / "B4.zarr")
-    assert sdata.tables["table"].n_obs == 283 and "B4_full_image" in sdata.images
-    png = tmp_path / "out" / "B4_overview.png"
-    assert png.stat().st_size > 50_000
+    out = tmp_path / "out"
+    assert f"outputs written to {out}" in proc.stdout
+    sdata = sd.read_zarr(out / "B4.zarr")
+    table, predicted = sdata.tables["table"], sdata.tables["predicted"]
+    assert table.n_obs == 283 and "B4_full_image" in sdata.images and "B4_tumor" in sdata.shapes
+    assert table.obsm["X_efficientnet_lite0"].shape == (283, 1280)
+    assert set(table.obs["cancer_region"].cat.categories) == {"tumor", "boundary", "non-tumor"}
+    assert {"ERBB2", "KRT19", "MGP"} <= set(predicted.var_names)
+    assert predicted.layers["predicted"].shape == predicted.shape
+    metrics = pd.read_csv(out / "B4_expression_metrics.csv")
+    assert set(metrics["method"]) == {"ridge", "zinb"} and metrics["pearson_all"].notna().all()
+    for png in ("overview", "expression", "cancer"):
+        assert (out / f"B4_{png}.png").stat().st_size > 30_000
     print(f"demo took {time.perf_counter() - t0:.0f} s")

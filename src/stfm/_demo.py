@@ -1,4 +1,4 @@
-"""The README's main job: her2st section → SpatialData zarr + overview figure."""
+"""The README's main job: her2st → features → expression from H&E → cancer regions, on one held-out section."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import time
 import warnings
 from pathlib import Path
 
+#: Training sections for expression (patient C, full-resolution H&E) and annotated sections for cancer.
+EXPRESSION_TRAIN = ("C2", "C3", "C4", "C5", "C6")
+CANCER_REFERENCE = ("A1", "B1", "C1", "D1")
+MARKERS = ("ERBB2", "KRT19", "MGP")
+ENCODER = "efficientnet_lite0"
 
-def _step(name: str):
+
+def _step(name: str) -> float:
     print(f"[stfm demo] {name} …", flush=True)
     return time.perf_counter()
 
@@ -35,38 +41,117 @@ def write_zarr_atomic(sdata, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B4") -> Path:
+def _quiet_training_logs() -> None:
+    """Keep the demo's output to its own progress lines: no Lightning banners or scvi-tools info logs."""
+    import logging
+
+    import scvi  # configures its own logger on import: lower it afterwards
+
+    scvi.settings.verbosity = logging.WARNING
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B4", fast: bool = False) -> Path:
     """Run the demo and return the output folder.
 
-    Reads her2st ``section`` (local mirror at ``STFM_DATA_DIR`` or checksummed download), writes it as
-    ``<out>/<section>.zarr`` (SpatialData: full-resolution and hires images, spot circles, table) and
-    ``<out>/<section>_overview.png`` (H&E with spots at their physical size).
+    1. reads her2st ``section`` (default B4, patient B) as SpatialData, and the training/reference sections;
+    2. embeds every spot's H&E with ``efficientnet_lite0`` (real ImageNet weights, offline);
+    3. trains the ridge probe and the ZINB predictor on C2–C6 (patient C) for the 50 most variable training
+       genes plus ERBB2, KRT19, MGP, predicts ``section`` from H&E alone and scores it against its measured counts;
+    4. trains the cancer classifier on the pathologist-annotated A1, B1, C1, D1 (one section per patient) and maps
+       tumour / boundary / non-tumour on ``section``;
+    5. writes ``<out>/<section>.zarr`` (tables ``table`` with features and cancer calls, ``predicted`` with the
+       predicted panel), ``<section>_overview.png``, ``<section>_expression.png``, ``<section>_cancer.png`` and
+       ``<section>_expression_metrics.csv``.
+
+    ``fast=True`` trains for a few epochs only (a smoke test of the whole chain, not a result).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
+    from spatialdata.models import TableModel
 
-    from . import datasets, io, pl
+    from . import datasets, get, io, pl, pp, tl
+    from ._settings import settings
+    from .tl._expression import concat_sections, select_genes
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    _quiet_training_logs()
+    show_bar = settings.show_progress_bar and not fast
 
-    t0 = _step(f"reading her2st {section}")
-    sdata = datasets.her2st(section, as_spatialdata=True)
+    t0 = _step(f"reading her2st {section}, {', '.join(EXPRESSION_TRAIN)} and {', '.join(CANCER_REFERENCE)}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="her2st .*: loading without", category=UserWarning)
+        sdata = datasets.her2st(section, as_spatialdata=True)
+        train = [datasets.her2st(s) for s in EXPRESSION_TRAIN if s != section]
+        reference = {s: datasets.her2st(s) for s in CANCER_REFERENCE if s != section}
     table = sdata.tables["table"]
     sf = table.uns["spatial"][section]["scalefactors"]
-    _done(t0, f"{table.n_obs} spots × {table.n_vars} genes, {sf['microns_per_pixel']:.3f} µm/px")
+    _done(t0, f"{section}: {table.n_obs} spots × {table.n_vars} genes, {sf['microns_per_pixel']:.3f} µm/px")
 
-    t0 = _step("writing SpatialData zarr")
+    t0 = _step(f"extracting {ENCODER} features (112 µm tiles at 0.5 µm/px)")
+    pp.extract_features(sdata, ENCODER, image_key=f"{section}_full_image", show_progress_bar=show_bar)
+    for adata in train:
+        pp.extract_features(adata, ENCODER, show_progress_bar=show_bar)
+    key = f"X_{ENCODER}"
+    _done(t0, f"obsm['{key}'] {table.obsm[key].shape} on {section} and {len(train)} training sections")
+
+    t0 = _step("training expression models on " + ", ".join(a.obs["section"].iloc[0] for a in train))
+    candidates = concat_sections(train)
+    panel = list(dict.fromkeys([*MARKERS, *select_genes(candidates, 50)]))
+    epochs = {"max_epochs": 5, "early_stopping_patience": 5} if fast else {}
+    models = {
+        "ridge": tl.fit_expression(train, method="ridge", embedding_key=key, genes=panel),
+        "zinb": tl.fit_expression(train, method="zinb", embedding_key=key, genes=panel, **epochs),
+    }
+    _done(t0, f"{len(panel)} genes: ridge probe and ZINB predictor")
+
+    t0 = _step(f"predicting {section} from H&E and scoring against its measured counts")
+    query = io.to_anndata(sdata)[:, get.model_genes(models["zinb"])].copy()  # with the hires H&E in uns
+    rows = []
+    for name, model in models.items():
+        pred = query.copy()
+        tl.predict_expression(pred, model)
+        metrics = tl.evaluate_expression(pred, model=model)
+        rows.append(metrics.assign(method=name).reset_index())
+        if name == "zinb":
+            query = pred
+    metrics = pd.concat(rows, ignore_index=True)
+    metrics.to_csv(out / f"{section}_expression_metrics.csv", index=False)
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
+        print(metrics.to_string(index=False))
+    fig = pl.spatial_pred(query, list(MARKERS), compare=True, return_fig=True)
+    fig.savefig(out / f"{section}_expression.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    _done(t0, f"{out / f'{section}_expression.png'}")
+
+    t0 = _step("training the cancer classifier on " + ", ".join(reference))
+    tl.expression_embedding({**reference, section: table}, method="scvi", reference=list(reference),
+                            max_epochs=20 if fast else 100)  # fmt: skip
+    cancer = tl.fit_cancer_model(reference, expr_rep="X_scvi_expr", max_epochs=3 if fast else 40)
+    tl.detect_cancer_regions(sdata, cancer, shapes_added=f"{section}_tumor")
+    counts = table.obs["cancer_region"].value_counts()
+    fig = pl.cancer_regions(io.to_anndata(sdata, table_key="table"), return_fig=True)  # on the H&E
+    fig.savefig(out / f"{section}_cancer.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    _done(t0, ", ".join(f"{n} {c}" for c, n in counts.items()) + f" → {out / f'{section}_cancer.png'}")
+
+    t0 = _step("writing SpatialData zarr and the overview")
+    query.obs["region"] = table.obs["region"].to_numpy()
+    query.obs["spot_id"] = table.obs["spot_id"].to_numpy()
+    query.uns.pop("spatialdata_attrs", None)
+    sdata.tables["predicted"] = TableModel.parse(query, region=section, region_key="region", instance_key="spot_id")
     write_zarr_atomic(sdata, out / f"{section}.zarr")
-    _done(t0, str(out / f"{section}.zarr"))
-
-    t0 = _step("drawing the overview")
-    adata = io.to_anndata(sdata)
+    adata = io.to_anndata(sdata, table_key="table")
     color = "cluster_annotation" if "cluster_annotation" in adata.obs else None
     fig = pl.overview(adata, color=color, return_fig=True)
     fig.savefig(out / f"{section}_overview.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    _done(t0, str(out / f"{section}_overview.png"))
+    _done(t0, str(out / f"{section}.zarr"))
     return out
