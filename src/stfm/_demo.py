@@ -134,8 +134,8 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
     t0 = _step("training the cancer classifier on " + ", ".join(reference))
     tl.expression_embedding({**reference, section: table}, method="scvi", reference=list(reference),
                             max_epochs=20 if fast else 100)  # fmt: skip
-    cancer = tl.fit_cancer_model(reference, expr_rep="X_scvi_expr", max_epochs=3 if fast else 40)
-    tl.detect_cancer_regions(sdata, cancer, shapes_added=f"{section}_tumor")
+    cancer = tl.fit_cancer_model(reference, expr_rep="X_scvi_expr", **({"max_epochs": 3} if fast else {}))
+    tl.detect_cancer_regions(sdata, cancer, table_key="table", shapes_added=f"{section}_tumor")
     counts = table.obs["cancer_region"].value_counts()
     fig = pl.cancer_regions(io.to_anndata(sdata, table_key="table"), return_fig=True)  # on the H&E
     fig.savefig(out / f"{section}_cancer.png", dpi=110, bbox_inches="tight")
