@@ -137,7 +137,9 @@ def make_big_tiff(out: Path, size: int, mpp: float = 0.25, tile: int = 512) -> P
                     for i in range(f):
                         y0, x0 = ty * f + j, tx * f + i
                         ok = y0 < n and x0 < n and inside[y0, x0]
-                        block[j * sub : (j + 1) * sub, i * sub : (i + 1) * sub] = small[choice[y0, x0]] if ok else small_white
+                        block[j * sub : (j + 1) * sub, i * sub : (i + 1) * sub] = (
+                            small[choice[y0, x0]] if ok else small_white
+                        )
                 yield block
 
     tmp = out.with_suffix(".tmp.tif")
@@ -305,23 +307,52 @@ def worker_lazyslide(args) -> dict:
     }
 
 
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process since exec (``VmHWM``), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker_big(args) -> dict:
-    import resource
+
+    import threading
 
     import numpy as np
+    import psutil
     from anndata import AnnData
 
     import stfm
     from stfm.encoders import load_encoder
 
     stfm.settings.show_progress_bar = False
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ru_maxrss of an exec'd child starts at the parent's high-water mark on Linux, so sample RSS instead:
+    # this process (VmRSS), its DataLoader workers, and their sum (an upper bound: shared pages count twice).
+    peak = {"main": 0.0, "workers": 0.0, "sum": 0.0}
+    me = psutil.Process()
+
+    def monitor() -> None:
+        while True:
+            try:
+                main_rss = me.memory_info().rss / 2**20
+                kids = sum(c.memory_info().rss for c in me.children(recursive=True)) / 2**20
+            except psutil.Error:
+                continue
+            peak["main"] = max(peak["main"], main_rss)
+            peak["workers"] = max(peak["workers"], kids)
+            peak["sum"] = max(peak["sum"], main_rss + kids)
+            time.sleep(0.05)
+
+    threading.Thread(target=monitor, daemon=True).start()
+    time.sleep(0.2)
+    rss0 = me.memory_info().rss / 2**20
     enc = load_encoder("efficientnet_lite0")
     t = time.perf_counter()
     sdata = stfm.pp.make_tiles(args.tiff, slide_mpp=0.25)
     t_tiles = time.perf_counter() - t
     xy_all = sdata.tables["tiles_table"].obsm["spatial"]
-    rss_tiles = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_tiles = peak["main"]
     xy = xy_all[_spread(len(xy_all), args.n_tiles)]
     ad = AnnData(np.zeros((len(xy), 0), np.float32))
     ad.obsm["spatial"] = xy
@@ -342,8 +373,10 @@ def worker_big(args) -> dict:
         "crop_px": int(prov["crop_px"]),
         "rss_after_import_mb": rss0,
         "peak_rss_after_make_tiles_mb": rss_tiles,
-        "peak_rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_rss_workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "peak_rss_main_mb": peak["main"],
+        "peak_rss_workers_mb": peak["workers"],
+        "peak_rss_sum_mb": peak["sum"],
+        "vm_hwm_main_mb": _vm_hwm_mb(),
     }
 
 
@@ -474,7 +507,8 @@ def write_report(args, results, big, mpp, total_s) -> None:
         "",
         f"- Machine: {machine_card()}.",
         f"- Shared machine while measuring: {args.shared_note}. Numbers are medians over {args.repeats} repeat(s); "
-        "each repeat is a fresh subprocess per configuration; inside it every timing follows a warm-up.",
+        "each repeat is a fresh subprocess per configuration; inside it every timing follows a warm-up. Runs per "
+        "configuration: " + ", ".join(f"{k} {a} {len(v)}" for (k, a), v in results.items() if v) + ".",
         f"- Slide: her2st B4 H&E ({mpp:.4f} µm/px), converted once to a pyramidal tiled TIFF (512-px JPEG q90 tiles, "
         "4 levels) so that stfm (lazy `TiffSource`) and LazySlide (openslide) read the same file.",
         f"- Tiles: tissue grid at 112 µm (224 px at 0.5 µm/px; 163-px crops resampled to 224), {args.n_tiles} tiles "
@@ -559,8 +593,9 @@ def write_report(args, results, big, mpp, total_s) -> None:
             f"| `make_tiles` (tissue detection at 8 µm/px on a coarse level + grid) | {big['n_tiles_grid']:,} tiles in {big['make_tiles_s']:.1f} s |",
             f"| `extract_features` on {big['n_tiles']} tiles spread over the slide (level {big['level']}, {big['crop_px']}-px crops) | {big['tiles_s']:.1f} tiles/s ({big.get('tiles_cpu_s', float('nan')):.1f} tiles per CPU-s) |",
             f"| RSS after imports | {big['rss_after_import_mb']:.0f} MB |",
-            f"| peak RSS, main process (whole run) | **{big['peak_rss_main_mb']:.0f} MB** (target < 2 GB) |",
-            f"| peak RSS, DataLoader worker | {big['peak_rss_workers_mb']:.0f} MB |",
+            f"| peak RSS, main process (`VmHWM`, whole run) | **{big.get('vm_hwm_main_mb', big['peak_rss_main_mb']):.0f} MB** (target < 2 GB) |",
+            f"| peak RSS, DataLoader worker (sampled every 50 ms) | {big['peak_rss_workers_mb']:.0f} MB |",
+            f"| peak of main + worker RSS (upper bound: copy-on-write pages shared after fork count twice) | {big.get('peak_rss_sum_mb', float('nan')):.0f} MB |",
         ]
     lines += [
         "",
