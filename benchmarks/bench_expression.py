@@ -176,7 +176,10 @@ def main():
     if args.selected:
         chosen = args.selected
         ks = (4, 12) if "4,12" in chosen else ((4,) if "k=4" in chosen else None)
-        variants[chosen] = {**({"neighbor_pooling": ks} if ks else {}), **({"n_models": 3} if "× 3 seeds" in chosen else {})}
+        variants[chosen] = {
+            **({"neighbor_pooling": ks} if ks else {}),
+            **({"n_models": 3} if "× 3 seeds" in chosen else {}),
+        }
     elif not args.quick:
         print("model selection: train C2–C5, score C6 (B4 untouched)", flush=True)
         for label, kw in variants.items():
@@ -239,14 +242,13 @@ def write_report(rows, sel_rows, chosen, args, total):
         body = ["| " + " | ".join(map(str, r)) + " |" for r in d.itertuples(index=False)]
         return "\n".join([head, sep, *body])
 
+    patient = df["split"] == "patient"
+    target = np.where(df["test"] == "B4", "B4", "C2–C6")
+    fold = np.where(
+        patient, "patient: " + df["train"] + " → " + target, "leaky: leave-one-section-out within C → each C section"
+    )
     summary = (
-        df.assign(
-            fold=df["split"]
-            + ": "
-            + df["train"]
-            + " → "
-            + np.where(df["split"] == "patient", df["test"].where(df["test"] == "B4", "C2–C6"), "each C section")
-        )
+        df.assign(fold=fold)
         .groupby(["fold", "method"], sort=False)[["pearson", "mse", "mae", "train_s", "peak_mem_mb"]]
         .mean()
         .reset_index()
