@@ -117,7 +117,7 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
     rows = []
     for name, model in models.items():
         pred = query.copy()
-        tl.predict_expression(pred, model)
+        tl.predict_expression(pred, model, library_size="predicted")  # per-spot depth predicted from the H&E
         metrics = tl.evaluate_expression(pred, model=model)
         rows.append(metrics.assign(method=name).reset_index())
         if name == "zinb":
