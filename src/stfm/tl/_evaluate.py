@@ -13,6 +13,7 @@ from scipy import sparse
 
 from .._containers import get_table
 from .._logging import logger
+from ._expression import check_sections
 
 __all__ = ["cross_validate", "evaluate_expression", "pearson_per_gene"]
 
@@ -174,21 +175,9 @@ def evaluate_expression(
 # cross-validation
 # --------------------------------------------------------------------------------------------------
 def _split_sections(adatas: AnnData | Sequence[AnnData], section_key: str) -> dict[str, AnnData]:
-    parts = [adatas] if isinstance(adatas, AnnData) else list(adatas)
+    parts = check_sections(adatas, section_key=section_key, purpose="cross-validation")
     out: dict[str, AnnData] = {}
-    for i, a in enumerate(parts):
-        if not isinstance(a, AnnData):
-            msg = f"Expected AnnData objects, found {type(a).__name__} at position {i}."
-            raise TypeError(msg)
-        if a.n_obs == 0:
-            msg = f"AnnData #{i} is an empty section (0 spots); remove it before cross-validation."
-            raise ValueError(msg)
-        if section_key not in a.obs:
-            msg = (
-                f"`obs[{section_key!r}]` not found in AnnData #{i} (columns: {sorted(a.obs.columns)}); pass "
-                "`section_key=` naming the section column."
-            )
-            raise KeyError(msg)
+    for a in parts:
         labels = a.obs[section_key].astype(str)
         for sec in pd.unique(labels):
             if sec in out:

@@ -31,14 +31,13 @@ Method = Literal["zinb", "ridge"]
 # --------------------------------------------------------------------------------------------------
 # reference handling and gene panels
 # --------------------------------------------------------------------------------------------------
-def concat_sections(
-    reference: AnnData | Sequence[AnnData],
-    *,
-    section_key: str | None = "section",
-) -> AnnData:
-    """One AnnData from one or several sections (genes shared by all, obsm kept, obs names made unique)."""
-    import anndata as ad
+def check_sections(
+    reference: AnnData | Sequence[AnnData], *, section_key: str | None, purpose: str
+) -> list[AnnData]:
+    """Validate one AnnData or a non-empty list of them: no empty section, a section column when asked for.
 
+    ``purpose`` completes the messages ("… remove it before {purpose}").
+    """
     if isinstance(reference, AnnData):
         parts = [reference]
     elif isinstance(reference, Sequence) and not isinstance(reference, str) and len(reference) > 0:
@@ -48,17 +47,29 @@ def concat_sections(
         raise TypeError(msg)
     for i, a in enumerate(parts):
         if not isinstance(a, AnnData):
-            msg = f"Expected AnnData objects in `reference`, found {type(a).__name__} at position {i}."
+            msg = f"Expected AnnData objects, found {type(a).__name__} at position {i}."
             raise TypeError(msg)
         if a.n_obs == 0:
-            msg = f"Section #{i} of `reference` is empty (0 spots); remove it before training."
+            msg = f"AnnData #{i} is an empty section (0 spots); remove it before {purpose}."
             raise ValueError(msg)
         if section_key is not None and section_key not in a.obs:
             msg = (
-                f"`obs[{section_key!r}]` not found in reference #{i} (columns: {sorted(a.obs.columns)}). Pass "
+                f"`obs[{section_key!r}]` not found in AnnData #{i} (columns: {sorted(a.obs.columns)}). Pass "
                 "`section_key=` naming the section column, or add one (e.g. `adata.obs['section'] = 'S1'`)."
             )
             raise KeyError(msg)
+    return parts
+
+
+def concat_sections(
+    reference: AnnData | Sequence[AnnData],
+    *,
+    section_key: str | None = "section",
+) -> AnnData:
+    """One AnnData from one or several sections (genes shared by all, obsm kept, obs names made unique)."""
+    import anndata as ad
+
+    parts = check_sections(reference, section_key=section_key, purpose="training")
     if len(parts) == 1:
         return parts[0]
     with warnings.catch_warnings():
