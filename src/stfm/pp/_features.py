@@ -141,7 +141,8 @@ def extract_features(
     batch_size
         Tiles per forward pass (default: :attr:`stfm.settings.batch_size`).
     num_workers
-        DataLoader worker processes cutting tiles (default: :attr:`stfm.settings.num_workers`).
+        DataLoader worker processes cutting tiles (default: :meth:`stfm.settings.resolve_num_workers` — on the
+        CPU only the cores torch's threads leave free, often 0; on an accelerator :attr:`stfm.settings.num_workers`).
     device
         Torch device (default: :attr:`stfm.settings.device`).
     amp
@@ -191,11 +192,8 @@ def extract_features(
         if value is not None:
             check_positive(value, name=name)
     batch_size = settings.batch_size if batch_size is None else int(check_positive(batch_size, name="batch_size"))
-    num_workers = (
-        settings.num_workers
-        if num_workers is None
-        else int(check_positive(num_workers, name="num_workers", allow_zero=True))
-    )
+    if num_workers is not None:  # None: resolved for the device in `_embed`
+        num_workers = int(check_positive(num_workers, name="num_workers", allow_zero=True))
     progress = settings.show_progress_bar if show_progress_bar is None else bool(show_progress_bar)
 
     # 1. Where to crop, from which image, at what µm/px (fails before any model is loaded).
@@ -700,7 +698,7 @@ def _cache_write(path: Path, feats: np.ndarray) -> None:
 
 
 def _embed(
-    enc: ImageEncoder, dataset: TileDataset, *, batch_size: int, num_workers: int, amp: bool | None, progress: bool
+    enc: ImageEncoder, dataset: TileDataset, *, batch_size: int, num_workers: int | None, amp: bool | None, progress: bool
 ) -> tuple[np.ndarray, str, bool, bool]:
     import contextlib
     import multiprocessing as mp
@@ -723,6 +721,8 @@ def _embed(
     dataset.source.prepare()  # decode once here; forked workers share it
 
     n = len(dataset)
+    if num_workers is None:
+        num_workers = settings.resolve_num_workers(dev)
     workers = num_workers if n > batch_size else 0
     kwargs: dict[str, Any] = {}
     if workers > 0:
