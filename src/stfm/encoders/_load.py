@@ -387,22 +387,38 @@ def _from_hf_hub_timm(name: str, *, model_path, revision, transform: dict[str, A
     else:
         path = _download_first(repo_id, ["model.safetensors", "pytorch_model.bin"], revision, name)
         source = f"hub:{repo_id}"
-        rev = path.parent.name if re.fullmatch(r"[0-9a-f]{40}", path.parent.name) else revision
+        rev = _snapshot_revision(path, revision)
     load_state_into(backbone, load_weights_file(path), name=name, source=source)
     pcfg = cfg.get("pretrained_cfg", {})
-    size = pcfg.get("input_size", [3, 224, 224])
+    key = _sanitize_key(repo_id.split("/")[-1])
+    return _timm_encoder(backbone, pcfg, transform, key=key, revision=rev, source=source, license=pcfg.get("license"))
+
+
+def _snapshot_revision(path: Path, revision: str | None) -> str | None:
+    """The commit of a Hub snapshot folder holding ``path`` (else the requested revision)."""
+    return path.parent.name if re.fullmatch(r"[0-9a-f]{40}", path.parent.name) else revision
+
+
+def _timm_encoder(
+    backbone: Any, pcfg: dict[str, Any], transform: dict[str, Any], *, key: str, revision, source: str, license
+) -> ImageEncoder:
+    """Wrap a timm backbone: input size, mean/std from its ``pretrained_cfg`` unless ``transform`` overrides them.
+
+    ``embed_dim`` 0 means "infer it with a dummy forward" (done by the caller).
+    """
+    size = pcfg.get("input_size", (3, 224, 224))
     return ImageEncoder(
         backbone,
-        key=transform.get("key", _sanitize_key(repo_id.split("/")[-1])),
-        embed_dim=0 if "embed_dim" not in transform else int(transform["embed_dim"]),
+        key=transform.get("key", key),
+        embed_dim=int(transform.get("embed_dim", 0)),
         tile_px=int(transform.get("tile_px", size[-1])),
         mpp=transform.get("mpp"),
         mean=transform.get("mean", tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))),
         std=transform.get("std", tuple(pcfg.get("std", (0.229, 0.224, 0.225)))),
         pooling=transform.get("pooling", "token_default"),
-        revision=rev,
+        revision=revision,
         source=source,
-        license=pcfg.get("license"),
+        license=license,
     )
 
 
@@ -432,27 +448,15 @@ def _from_timm_name(name: str, *, model_path, revision, transform: dict[str, Any
             else:
                 load_state_into(backbone, load_weights_file(path), name=name, source=f"hub:{pcfg['hf_hub_id']}")
                 source = f"hub:{pcfg['hf_hub_id']}"
-                rev = path.parent.name if re.fullmatch(r"[0-9a-f]{40}", path.parent.name) else revision
+                rev = _snapshot_revision(path, revision)
         else:
             warnings.warn(
                 f"timm model {name!r} has no published weights; using RANDOM weights (provenance source='random').",
                 UserWarning,
                 stacklevel=3,
             )
-        size = pcfg.get("input_size", (3, 224, 224))
-        enc = ImageEncoder(
-            backbone,
-            key=transform.get("key", _sanitize_key(name)),
-            embed_dim=int(transform.get("embed_dim", 0)),
-            tile_px=int(transform.get("tile_px", size[-1])),
-            mpp=transform.get("mpp"),
-            mean=transform.get("mean", tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))),
-            std=transform.get("std", tuple(pcfg.get("std", (0.229, 0.224, 0.225)))),
-            pooling=transform.get("pooling", "token_default"),
-            revision=rev,
-            source=source,
-            license=None if source == "random" else pcfg.get("license"),
-        )
+        license = None if source == "random" else pcfg.get("license")
+        enc = _timm_encoder(backbone, pcfg, transform, key=_sanitize_key(name), revision=rev, source=source, license=license)
     if "embed_dim" not in transform:
         enc.embed_dim = _infer_embed_dim(enc)
     return enc
