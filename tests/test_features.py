@@ -329,3 +329,43 @@ def test_each_tile_read_once_with_workers(b4, lite0, monkeypatch):
     ad = _subset(b4, 12)
     stfm.pp.extract_features(ad, lite0, batch_size=4, num_workers=1, show_progress_bar=True, cache=False)
     assert counter.value == 12
+
+
+def test_pipeline_equals_bare_forward_in_callers_order(b4, lite0):
+    """Crops read in image bands and resampled per batch come back in the caller's order, equal to a bare forward."""
+    from stfm.data import TileDataset
+
+    ad = _subset(b4, 40)
+    rng = np.random.default_rng(0)
+    ad = ad[rng.permutation(ad.n_obs)].copy()  # spatially shuffled, as Visium barcodes are
+    stfm.pp.extract_features(ad, lite0, batch_size=8, cache=False)
+    prov = ad.uns["stfm"][KEY]
+    image = ad.uns["spatial"]["B4"]["metadata"]["source_image_path"]
+    ds = TileDataset(image, ad.obsm["spatial"], prov["tile_um"] / prov["slide_mpp"], 224)
+    assert ds.crop_px == prov["crop_px"] == 163
+    order = ds.locality_order()
+    assert not np.array_equal(order, np.arange(ad.n_obs))  # the shuffle really changes the reading order
+    with torch.inference_mode():
+        bare = lite0(torch.stack([ds[i] for i in range(len(ds))]).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(ad.obsm[KEY], bare, rtol=0, atol=1e-4)
+
+
+def test_resize_tiles_matches_pil_bicubic(b4_image):
+    from PIL import Image
+
+    from stfm.data import resize_tiles
+
+    for side in (163, 448):  # up- and down-sampling
+        crop = np.ascontiguousarray(b4_image[5000 : 5000 + side, 3000 : 3000 + side])
+        ref = np.asarray(Image.fromarray(crop).resize((224, 224), Image.Resampling.BICUBIC)).astype(int)
+        x = torch.from_numpy(crop).permute(2, 0, 1)[None]
+        out = resize_tiles(x, 224)
+        assert out.dtype == torch.uint8 and tuple(out.shape) == (1, 3, 224, 224)
+        diff = np.abs(out[0].permute(1, 2, 0).numpy().astype(int) - ref)
+        assert diff.max() <= 2 and diff.mean() < 0.05, (side, diff.max(), diff.mean())
+        # the float path (used on CUDA) agrees with the integer one up to rounding
+        y = torch.nn.functional.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True)
+        assert (y.round().clamp(0, 255) - out.float()).abs().max() <= 2
+    assert resize_tiles(x, 448) is x  # nothing to do
+    with pytest.raises(ValueError, match="Expected uint8 tiles"):
+        resize_tiles(x.float(), 224)

@@ -15,6 +15,7 @@ __getattr__, __dir__, __all__ = attach(
         "SourceArray": "_sources",
         "TileDataset": "_dataset",
         "crop_boxes": "_dataset",
+        "resize_tiles": "_dataset",
         "detect_tissue": "_tissue",
         "thumbnail": "_tissue",
         "tile_grid": "_tissue",

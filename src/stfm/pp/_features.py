@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["extract_features"]
 
 #: Bump when the crop/resample algorithm changes, so stale cache entries are never reused.
-_CACHE_VERSION = "tiles-v1"
+_CACHE_VERSION = "tiles-v2"  # v2: torch antialiased bicubic on the device (v1: PIL in the workers)
 #: Physical spot diameters (µm) of platforms whose spots stfm can check the slide's µm/px against.
 _KNOWN_SPOT_UM = {"visium": 55.0, "st": 100.0}
 _DEFAULT_MPP = 0.5
@@ -172,7 +172,8 @@ def extract_features(
     `.uns['stfm']['X_<encoder key>' | key_added]` : :class:`dict`
         Encoder provenance (key, source, revision, embed_dim, pooling, licence) plus `tile_px`, `mpp`
         (µm/px of the tiles), `encoder_mpp`, `slide_mpp`, `spot_scale`, `tile_um`, `crop_px`, `level`,
-        `image`, `image_key`, `library_id`, `n_tiles`, `n_tiles_padded`, `cache_hit`, `cache_key`,
+        `image`, `image_key`, `library_id`, `n_tiles`, `n_tiles_padded`, `cache_hit`, `cache_key` (`None` with
+        `cache=False`),
         `device`, `amp`, `malloc_tuned`.
 
     Examples
@@ -237,11 +238,12 @@ def extract_features(
 
     from ..data import TileDataset
 
-    dataset = TileDataset(inputs.source, inputs.xy, side_px, tile_px)
+    dataset = TileDataset(inputs.source, inputs.xy, side_px, tile_px, resize=False)  # resampled on the device
     n = len(dataset)
 
     # 3. Features: from the cache, or computed.
-    digest = _cache_key(inputs, enc, dataset, tile_um=tile_um, enc_mpp=enc_mpp, spot_scale=spot_scale)
+    # The key hashes the image and the weights: skipped when the cache is off.
+    digest = _cache_key(inputs, enc, dataset, tile_um=tile_um, enc_mpp=enc_mpp, spot_scale=spot_scale) if cache else None
     cache_path = settings.cache_dir / "features" / f"{digest}.npy"
     feats = _cache_read(cache_path, (n, enc.embed_dim)) if cache else None
     hit = feats is not None
@@ -707,6 +709,7 @@ def _embed(
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from ..data import resize_tiles
     from ..data._malloc import malloc_tuned, tune_malloc
 
     dev = enc.device
@@ -729,9 +732,29 @@ def _embed(
         kwargs["prefetch_factor"] = 4
         if "fork" in mp.get_all_start_methods():
             kwargs["multiprocessing_context"] = "fork"
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=cuda, **kwargs)
+    # Crops are read in bands across the image (chunk caches stay warm) and resampled to the encoder input a
+    # batch at a time on the device; features are written back in the caller's order.
+    order = dataset.locality_order()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order.tolist(),
+        num_workers=workers,
+        pin_memory=cuda,
+        **kwargs,
+    )
     out = np.empty((n, enc.embed_dim), dtype=np.float32)
     autocast = torch.autocast(device_type=dev.type, dtype=dtype) if use_amp else contextlib.nullcontext()
+    # On CUDA, features go back through pinned buffers with asynchronous copies, and the host waits for batch k
+    # only after batch k + 1 is queued: a blocking `.cpu()` per batch would leave the GPU idle while the next
+    # batch is fetched and its kernels are launched.
+    pending: tuple[np.ndarray, torch.Tensor, Any] | None = None
+
+    def _drain(item: tuple[np.ndarray, torch.Tensor, Any]) -> None:
+        rows, host, done = item
+        done.synchronize()
+        out[rows] = host.numpy()
+
     start = 0
     with torch.inference_mode(), autocast:
         # tqdm.auto's tqdm calls iter() on what it wraps and then iterates it again: hand it an iterator, or a
@@ -739,8 +762,19 @@ def _embed(
         batches = iter(loader)
         for batch in tqdm(batches, total=len(loader), disable=not progress, desc="extract_features", unit="batch"):
             x = batch.to(dev, non_blocking=cuda).permute(0, 3, 1, 2)  # (B, H, W, 3) -> channels-last (B, 3, H, W)
-            f = enc(x)
-            b = x.shape[0]
-            out[start : start + b] = f.float().cpu().numpy()
-            start += b
+            f = enc(resize_tiles(x, dataset.tile_px))
+            rows = order[start : start + x.shape[0]]
+            if cuda:
+                host = torch.empty(f.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(f, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                if pending is not None:
+                    _drain(pending)
+                pending = (rows, host, done)
+            else:
+                out[rows] = f.cpu().numpy()  # no copy on the CPU
+            start += x.shape[0]
+        if pending is not None:
+            _drain(pending)
     return out, str(dev), use_amp, malloc_tuned()
