@@ -128,9 +128,9 @@ def test_cards_cover_the_zoo_and_are_consistent():
         assert re.fullmatch(r"[a-z0-9_]+", key)
         card = get_card(key)
         assert card.embed_dim > 0 and card.tile_px > 0
-        # a card without a pinned revision must say so
-        if card.hub_id is not None and card.revision is None:
-            assert "revision=None" in card.notes
+        # every built-in Hub card pins a commit
+        if card.hub_id is not None:
+            assert re.fullmatch(r"[0-9a-f]{40}", card.revision or ""), key
     assert df.loc["virchow2", "pooling"] == "cls_patch_mean" and df.loc["virchow2", "embed_dim"] == 2560
     assert df.loc["uni", "tile_um"] == pytest.approx(112.0)
     assert get_card("conch").requires == "conch" and "not on pypi" in get_card("conch").notes.lower()
@@ -357,6 +357,33 @@ def test_hub_card_loads_from_local_cache_offline(hf_cache, tmp_card):
         )
     )
     assert load_encoder("tiny_hub_bin").revision == commit
+
+
+def test_pinned_card_reads_its_commit_not_main(hf_cache, tmp_card):
+    """A card's pinned revision selects that snapshot even when ``main`` points elsewhere; 'main' follows the branch."""
+    torch.manual_seed(1)
+    old, new = _tiny_vit(), _tiny_vit()
+    pinned = _write_snapshot(hf_cache, "stfm-test/pinned-vit", {"model.safetensors": old.state_dict()}, commit="a" * 40)
+    # a later commit becomes main
+    root = hf_cache / "models--stfm-test--pinned-vit"
+    later = root / "snapshots" / ("b" * 40)
+    later.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in new.state_dict().items()}, str(later / "model.safetensors"))
+    (root / "refs" / "main").write_text("b" * 40)
+    tmp_card(
+        EncoderCard(key="pinned_hub", hub_id="stfm-test/pinned-vit", revision=pinned, timm_name="test_vit",
+                    timm_kwargs={"img_size": 64}, embed_dim=64, tile_px=64, pooling="cls", weights="model.safetensors")
+    )  # fmt: skip
+    enc = load_encoder("pinned_hub")
+    assert enc.revision == pinned
+    k = "patch_embed.proj.weight"
+    assert not torch.allclose(old.state_dict()[k], new.state_dict()[k])
+    torch.testing.assert_close(enc.backbone.state_dict()[k], old.state_dict()[k])
+    head = load_encoder("pinned_hub", revision="main")
+    assert head.revision == "b" * 40
+    torch.testing.assert_close(head.backbone.state_dict()[k], new.state_dict()[k])
 
 
 def test_hf_hub_timm_name_with_config(hf_cache):

@@ -37,7 +37,8 @@ class EncoderCard:
     hub_id
         Hugging Face repository holding the weights (``None``: weights ship with a Python package).
     revision
-        Pinned commit of ``hub_id`` (``None``: no commit pinned, see :attr:`notes`).
+        Pinned commit of ``hub_id`` (``None``: no commit pinned, see :attr:`notes`). The built-in cards pin the
+        commit that public loaders of each model pin; ``load_encoder(key, revision="main")`` follows the branch.
     timm_name
         Architecture passed to :func:`timm.create_model` (always with ``pretrained=False``; weights are
         loaded by stfm so that revision, offline mode and ``model_path`` behave the same for every card).
@@ -174,7 +175,7 @@ _CARDS: list[EncoderCard] = [
     EncoderCard(
         key="resnet50",
         hub_id="timm/resnet50.tv_in1k",
-        revision=None,
+        revision="78f3ecfdb38e06d9b8397f662e7ab8fee96026fa",
         timm_name="resnet50",
         timm_kwargs={},
         embed_dim=2048,
@@ -191,14 +192,14 @@ _CARDS: list[EncoderCard] = [
         notes=(
             "ImageNet-1k baseline: torchvision's original ResNet-50 weights as republished by timm "
             "(timm/resnet50.tv_in1k, BSD-3-Clause like torchvision). Global-average-pooled 2048-d features. "
-            "No commit pinned (revision=None): the hub repository's main branch is used. mpp = 0.5 µm/px is "
+            "Revision: pinned, see docs/encoders.md. mpp = 0.5 µm/px is "
             "a choice (ImageNet has no physical scale), matching the FMs' 112 µm field of view."
         ),
     ),
     EncoderCard(
         key="uni",
         hub_id="MahmoodLab/UNI",
-        revision=None,
+        revision="b55a5ec6cade1a39edfe6534189a9b8ca7a022f0",
         timm_name="vit_large_patch16_224",
         timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
         embed_dim=1024,
@@ -213,14 +214,14 @@ _CARDS: list[EncoderCard] = [
         notes=(
             "ViT-L/16 (DINOv2 on Mass-100K), class token of the final norm (timm global_pool='token'). Kwargs as in "
             "the hub card and TRIDENT's uni_v1 loader; ImageNet mean/std; 224 px at 20x (0.5 µm/px). Gated: "
-            "request access on the hub page (institutional e-mail, non-commercial research only). No commit pinned "
-            "(revision=None): pass `revision=` to pin one."
+            "request access on the hub page (institutional e-mail, non-commercial research only). Revision: pinned, see "
+            "docs/encoders.md."
         ),
     ),
     EncoderCard(
         key="uni2_h",
         hub_id="MahmoodLab/UNI2-h",
-        revision=None,
+        revision="d517a8dd47902dd7c308b3c36f63bce47e7b9a43",
         timm_name="vit_giant_patch14_224",
         timm_kwargs={
             "img_size": 224,
@@ -248,13 +249,13 @@ _CARDS: list[EncoderCard] = [
         notes=(
             "ViT-H/14 (24 blocks, 1536 wide, SwiGLU, 8 register tokens) as in the hub card, LazySlide's uni2 and "
             "TRIDENT's uni_v2 loaders; class token. ImageNet mean/std, 224 px at 20x. Gated, non-commercial. "
-            "No commit pinned (revision=None)."
+            "Revision: pinned, see docs/encoders.md."
         ),
     ),
     EncoderCard(
         key="h_optimus_0",
         hub_id="bioptimus/H-optimus-0",
-        revision=None,
+        revision="b145cc1e6c6b30d3251aa8b1f844e6974188a743",
         timm_name="vit_giant_patch14_reg4_dinov2",
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
         embed_dim=1536,
@@ -271,14 +272,14 @@ _CARDS: list[EncoderCard] = [
         notes=(
             "ViT-g/14 with 4 registers (1.1B parameters), class token; H&E-specific mean/std from the hub card "
             "(also used by LazySlide and TRIDENT); 224 px at 0.5 µm/px. Apache-2.0; the hub asks users to accept "
-            "conditions before downloading (treated as gated here; not re-checked). No commit pinned "
-            "(revision=None)."
+            "conditions before downloading (treated as gated here; not re-checked). Revision: pinned, see "
+            "docs/encoders.md."
         ),
     ),
     EncoderCard(
         key="h_optimus_1",
         hub_id="bioptimus/H-optimus-1",
-        revision=None,
+        revision="3592cb220dec7a150c5d7813fb56e68bd57473b9",
         timm_name="vit_giant_patch14_reg4_dinov2",
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
         embed_dim=1536,
@@ -295,13 +296,13 @@ _CARDS: list[EncoderCard] = [
         notes=(
             "Same architecture and normalisation as H-optimus-0 (TRIDENT hoptimus1, LazySlide h-optimus-1). "
             "Gated: access requests are reviewed (commercial users are pointed to a separate licence). "
-            "Licence as listed by LazySlide (CC-BY-NC-ND-4.0). No commit pinned (revision=None)."
+            "Licence as listed by LazySlide (CC-BY-NC-ND-4.0). Revision: pinned, see docs/encoders.md."
         ),
     ),
     EncoderCard(
         key="virchow2",
         hub_id="paige-ai/Virchow2",
-        revision=None,
+        revision="3158645804b69e3f3bc4439d4116edddf0840a72",
         timm_name="vit_huge_patch14_224",
         timm_kwargs={
             "img_size": 224,
@@ -327,14 +328,14 @@ _CARDS: list[EncoderCard] = [
             "ViT-H/14 (632M, SwiGLU, 4 register tokens). Embedding = class token ⊕ mean of the 256 patch tokens "
             "(tokens 1-4 are registers and are skipped), 1280 + 1280 = 2560, as recommended on the hub card and "
             "in TRIDENT's virchow2 loader (output[:, 5:]). ImageNet mean/std, 224 px; trained on mixed "
-            "magnifications, 20x (0.5 µm/px) used here. Gated, CC-BY-NC-ND-4.0 (hub page). No commit pinned "
-            "(revision=None)."
+            "magnifications, 20x (0.5 µm/px) used here. Gated, CC-BY-NC-ND-4.0 (hub page). Revision: pinned, see "
+            "docs/encoders.md."
         ),
     ),
     EncoderCard(
         key="prov_gigapath",
         hub_id="prov-gigapath/prov-gigapath",
-        revision=None,
+        revision="eba85dd46097c3eedfcc2a3a9a930baecb6bcc19",
         timm_name="vit_giant_patch14_dinov2",
         timm_kwargs={
             "img_size": 224,
@@ -359,13 +360,13 @@ _CARDS: list[EncoderCard] = [
             "Tile encoder: DINOv2 ViT-g with 16 px patches (1.1B), class token; kwargs as in TRIDENT's gigapath "
             "loader. ImageNet mean/std. The reference transform resizes 256 px tiles to 256 and centre-crops "
             "224; stfm feeds the 224 px field directly at 0.5 µm/px. Gated (accept conditions); the access terms "
-            "restrict use to research. No commit pinned (revision=None)."
+            "restrict use to research. Revision: pinned, see docs/encoders.md."
         ),
     ),
     EncoderCard(
         key="phikon_v2",
         hub_id="owkin/phikon-v2",
-        revision=None,
+        revision="2ae989a9c40cffaa27f0a6cb29cc94d1d6f9a5fd",
         timm_name="vit_large_patch16_224",
         timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5},
         embed_dim=1024,
@@ -384,13 +385,13 @@ _CARDS: list[EncoderCard] = [
             "last_hidden_state (as TRIDENT and LazySlide use it). Published in transformers' Dinov2Model format; "
             "stfm renames the tensors to timm's VisionTransformer (q/k/v fused, position embeddings resampled "
             "if the stored grid differs), so transformers is not needed. The converter is checked on synthetic "
-            "checkpoints only (the real weights could not be downloaded here). No commit pinned (revision=None)."
+            "checkpoints only (the real weights could not be downloaded here). Revision: pinned, see docs/encoders.md."
         ),
     ),
     EncoderCard(
         key="conch",
         hub_id="MahmoodLab/CONCH",
-        revision=None,
+        revision="f9ca9f877171a28ade80228fb195ac5d79003357",
         timm_name=None,
         timm_kwargs={"model_cfg": "conch_ViT-B-16"},
         embed_dim=512,
@@ -411,7 +412,7 @@ _CARDS: list[EncoderCard] = [
             "Vision-language model (CoCa, ViT-B/16 image tower). Its loader lives in the `conch` package, which is "
             "NOT on PyPI: install it from GitHub first. Image embedding = encode_image(x, proj_contrast=False, "
             "normalize=False), 512-d, as in TRIDENT's conch_v1; OpenAI-CLIP mean/std, 448 px input. Gated, "
-            "non-commercial. No commit pinned (revision=None)."
+            "non-commercial. Revision: pinned, see docs/encoders.md."
         ),
     ),
 ]
