@@ -17,6 +17,10 @@ Protocol (printed with the numbers):
   chosen by `fit_cancer_model` on the reference only (each reference section held out in turn, Platt
   calibration, F1-optimal threshold) and then fixed.
 - stfm (expression, PCA): same, with the PCA expression embedding (fit on reference) instead of scVI.
+- stfm (expression, PCA, section-standardised, context 1–8): the PCA embedding standardised within each
+  section (`standardize="section"`, query included, label-free) and context rings 1/2/4/8 pitches: the setting
+  with the best inner-validation AUC (reference labels only) in every fold, see
+  `benchmarks/cancer_inner_validation.py`.
 - Baseline: PCA (16 components) of log-normalised counts of the 2,000 most variable reference genes +
   class-balanced logistic regression, threshold 0.5 (fit on the reference only).
 - Image-only / fused: only A1 has an H&E image in the mirror (a 3.2 µm/px viewer PNG), and none of the
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pca", action="store_true", help="skip the stfm PCA-embedding variant")
     parser.add_argument("--no-scvi", action="store_true", help="skip the stfm scVI-embedding variant")
+    parser.add_argument("--no-pca-section", action="store_true",
+                        help="skip the stfm variant with the section-standardised PCA embedding and context to 8 pitches")
     parser.add_argument("--criterion", default="f1", choices=["f1", "youden"], help="threshold criterion on validation")
     parser.add_argument("--a1-image-only", action="store_true", help="run only the A1 within-section image experiment")
     args = parser.parse_args()
@@ -142,21 +148,27 @@ def main() -> None:
         return
     secs = {s: stfm.datasets.her2st(s) for s in SECTIONS}
     tag = "" if args.criterion == "f1" else f", {args.criterion} threshold"
-    variants = [] if args.no_scvi else [(f"stfm expression (scVI{tag})", "scvi", "X_scvi_expr")]
+    # (label, embedding method, obsm key, expression_embedding extras, fit_cancer_model extras)
+    variants = [] if args.no_scvi else [(f"stfm expression (scVI{tag})", "scvi", "X_scvi_expr", {}, {})]
     if not args.no_pca:
-        variants.append((f"stfm expression (PCA{tag})", "pca", "X_pca_expr"))
+        variants.append((f"stfm expression (PCA{tag})", "pca", "X_pca_expr", {}, {}))
+    if not args.no_pca_section:
+        variants.append((f"stfm expression (PCA, section-standardised, context 1–8{tag})", "pca", "X_pca_expr",
+                         {"standardize": "section"}, {"scales": (1.0, 2.0, 4.0, 8.0)}))  # fmt: skip
     rows = []
     timings = {}
     t_all = time.time()
     for test in SECTIONS:
         ref_names = [s for s in SECTIONS if s != test]
         fold = {s: secs[s].copy() for s in SECTIONS}
-        for label, method, key in variants:
+        for label, method, key, emb_kw, fit_kw in variants:
             t0 = time.time()
-            stfm.tl.expression_embedding(fold, method=method, reference=ref_names, n_comps=16, max_epochs=scvi_epochs, seed=args.seed)
+            stfm.tl.expression_embedding(fold, method=method, reference=ref_names, n_comps=16, max_epochs=scvi_epochs,
+                                         seed=args.seed, **emb_kw)  # fmt: skip
             model = stfm.tl.fit_cancer_model(
                 {s: fold[s] for s in ref_names}, label_key="pathologist_label", positive=POSITIVE, ignore=IGNORE,
                 expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs=None, threshold_criterion=args.criterion,
+                **fit_kw,
             )  # fmt: skip
             q = fold[test]
             stfm.tl.detect_cancer_regions(q, model, label_key="pathologist_label")
@@ -165,6 +177,7 @@ def main() -> None:
                 ev = stfm.tl.evaluate_cancer_regions(q, undetermined=und)
                 r = ev.iloc[0].to_dict()
                 rows.append({"method": label, "test": test, **r, "val_auc": np.nanmean([v["auc"] for v in model.validation_["sections"].values()])})
+            print(f"[{test}] {label}: inner validation AUC (reference only) {rows[-1]['val_auc']:.3f}", flush=True)
             print(f"[{test}] {label}: AUC {rows[-2]['auc']:.3f} F1 {rows[-2]['f1']:.3f} thr {model.threshold_:.3f} ({timings[(test, label)]:.0f}s)", flush=True)
         q = secs[test].copy()
         t0 = time.time()
@@ -198,7 +211,7 @@ def main() -> None:
         lines.append("")
     base = df[(df["method"].str.startswith("baseline")) & (df["undetermined"] == "excluded")].set_index("test")["auc"]
     lines += ["## Against the targets (undetermined excluded)", ""]
-    for label, _, _ in variants:
+    for label, *_ in variants:
         sub = df[(df["method"] == label) & (df["undetermined"] == "excluded")].set_index("test")
         beats = [t for t in SECTIONS if sub.loc[t, "auc"] > base.loc[t]]
         lines.append(

@@ -284,6 +284,19 @@ def test_expression_embedding_pca_and_scvi_on_her2st():
     # the PCA is fitted on the reference: its embedding is centred there, not on the query
     assert np.abs(secs["B1"].obsm["X_pca_expr"].mean(0)).max() < 1e-3
     assert np.abs(secs["C1"].obsm["X_pca_expr"].mean(0)).max() > 1e-2
+    # standardize='section': every section (query included) centred and scaled on its own spots; the
+    # within-section geometry is the reference PCA's, dimension by dimension
+    raw = {k: a.obsm["X_pca_expr"].copy() for k, a in secs.items()}
+    stfm.tl.expression_embedding(secs, method="pca", reference=["B1"], n_comps=8, n_top_genes=500,
+                                 standardize="section", key_added="X_pca_sec")  # fmt: skip
+    for k, a in secs.items():
+        z = a.obsm["X_pca_sec"]
+        np.testing.assert_allclose(z.mean(0), 0, atol=1e-4)
+        np.testing.assert_allclose(z.std(0), 1, atol=1e-3)
+        np.testing.assert_allclose(z, (raw[k] - raw[k].mean(0)) / raw[k].std(0), atol=1e-3)
+        assert a.uns["stfm"]["X_pca_sec"]["standardize"] == "section"
+    with pytest.raises(ValueError, match="'none' or 'section'"):
+        stfm.tl.expression_embedding(secs, method="pca", standardize="batch")
     stfm.tl.expression_embedding(secs, method="scvi", reference=["B1"], n_comps=4, n_top_genes=300, max_epochs=2)
     z = np.vstack([a.obsm["X_scvi_expr"] for a in secs.values()])
     assert z.shape[1] == 4 and np.isfinite(z).mean() > 0.95

@@ -113,6 +113,7 @@ def expression_embedding(
     max_epochs: int = 100,
     seed: int = 0,
     section_key: str = "section",
+    standardize: Literal["none", "section"] = "none",
     key_added: str | None = None,
 ) -> None:
     """Per-spot expression embedding that transfers across sections and batches.
@@ -153,6 +154,10 @@ def expression_embedding(
         Random seed (scVI initialisation and minibatches, PCA solver).
     section_key
         ``obs`` column naming sections when a single AnnData holds several.
+    standardize
+        ``'section'``: centre and scale every embedding dimension within each section (its own mean and standard
+        deviation over its spots), which removes section- and patient-level offsets; a query section is
+        standardised with its own statistics, so no label is read. ``'none'``: keep the embedding as computed.
     key_added
         ``obsm`` key; default ``'X_scvi_expr'``, ``'X_pca_expr'`` or ``'X_predicted_expr'``.
 
@@ -165,6 +170,9 @@ def expression_embedding(
     """
     if method not in ("scvi", "pca", "predicted"):
         msg = f"Expected `method` to be one of 'scvi', 'pca', 'predicted'; found {method!r}."
+        raise ValueError(msg)
+    if standardize not in ("none", "section"):
+        msg = f"Expected `standardize` to be 'none' or 'section'; found {standardize!r}."
         raise ValueError(msg)
     key = check_valid_key(key_added or {"scvi": "X_scvi_expr", "pca": "X_pca_expr", "predicted": "X_predicted_expr"}[method])
     objs, names = _as_list(adatas_or_adata)
@@ -268,13 +276,20 @@ def expression_embedding(
     start = 0
     out = {t_i: np.zeros((tables[t_i].n_obs, z.shape[1]), np.float32) for t_i in range(len(tables))}
     for t_i, _, idx in parts:
-        out[t_i][idx] = z[start : start + len(idx)]
+        block = z[start : start + len(idx)]
+        if standardize == "section":
+            ok = np.isfinite(block).all(1)
+            if ok.sum() >= 2:
+                mu, sd = block[ok].mean(0), block[ok].std(0)
+                block = (block - mu) / np.where(sd > 1e-8, sd, 1.0)
+        out[t_i][idx] = block
         start += len(idx)
     ref_names = sorted({s for t, s, _ in ref_parts})
     for t_i, t in enumerate(tables):
         t.obsm[key] = out[t_i]
         record(t, key, "expression_embedding", method=method, n_comps=int(z.shape[1]), n_genes=len(genes_used),
-               reference_sections=ref_names, layer=src_layer, seed=seed, max_epochs=max_epochs if method == "scvi" else "None")  # fmt: skip
+               reference_sections=ref_names, layer=src_layer, seed=seed, max_epochs=max_epochs if method == "scvi" else "None",
+               standardize=standardize)  # fmt: skip
         added(f"obsm[{key!r}]", out[t_i].shape)
 
 

@@ -1,0 +1,49 @@
+"""Compare cancer-model settings on INNER validation only (her2st A1, B1, C1, D1).
+
+For each outer fold the test section is dropped before anything runs; the model is fitted on the three
+reference sections with `fit_cancer_model`, whose held-out-reference-section models give per-section AUCs
+(`model.validation_`). The script prints their mean for one setting, given as JSON::
+
+    STFM_DATA_DIR=../shared/data python benchmarks/cancer_inner_validation.py '{"method": "pca", "section_z": true, "scales": [1, 2, 4, 8]}'
+
+Keys: method ('pca' | 'scvi'), n_comps, scvi_epochs, section_z (standardize='section'), epochs, seed, scales,
+n_sectors, model_kwargs. Results of the settings compared so far: benchmarks/results/cancer_inner_validation.jsonl
+(see docs/benchmarks/cancer.md, Run 4).
+"""
+import json
+import logging
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+warnings.simplefilter("ignore")
+torch.set_num_threads(1)
+logging.disable(logging.WARNING)
+import stfm
+stfm.settings.show_progress_bar = False
+cfg = json.loads(sys.argv[1])
+S = ["A1", "B1", "C1", "D1"]
+secs = {s: stfm.datasets.her2st(s) for s in S}
+res = {}
+t0 = time.time()
+for test in S:
+    ref = [s for s in S if s != test]
+    fold = {s: secs[s].copy() for s in S}
+    del fold[test]  # the test section plays no part at all here
+    stfm.tl.expression_embedding(fold, method=cfg.get("method", "pca"), reference=ref, n_comps=cfg.get("n_comps", 16),
+                                 max_epochs=cfg.get("scvi_epochs", 100), seed=0)
+    key = {"pca": "X_pca_expr", "scvi": "X_scvi_expr"}[cfg.get("method", "pca")]
+    if cfg.get("section_z"):  # what expression_embedding(..., standardize="section") does
+        for s in ref:
+            z = fold[s].obsm[key]
+            fold[s].obsm[key] = ((z - z.mean(0)) / (z.std(0) + 1e-6)).astype(np.float32)
+    m = stfm.tl.fit_cancer_model({s: fold[s] for s in ref}, label_key="pathologist_label",
+        positive=("invasive cancer", "cancer in situ"), ignore=("undetermined",), expr_rep=key,
+        max_epochs=cfg.get("epochs", 30), seed=cfg.get("seed", 0), scales=tuple(cfg.get("scales", (1.0, 2.0, 4.0))),
+        n_sectors=cfg.get("n_sectors", 4), model_kwargs=cfg.get("model_kwargs"))
+    res[test] = {k: round(v["auc"], 3) for k, v in m.validation_["sections"].items()}
+inner = [v for d in res.values() for v in d.values()]
+print(json.dumps({"cfg": cfg, "mean_inner_auc": round(float(np.mean(inner)), 4), "by_outer_fold": res, "min": round(time.time() - t0) / 60}), flush=True)
