@@ -4,6 +4,7 @@ Run on a machine with a CUDA GPU, from the repository root::
 
     python benchmarks/bench_features_gpu.py --json gpu.json           # B4 from STFM_DATA_DIR
     python benchmarks/bench_features_gpu.py --image B4.jpg --mpp 0.6878 --json gpu.json
+    python benchmarks/bench_features_gpu.py --check-lite0 --json gpu.json  # CUDA vs CPU features, real weights
     python benchmarks/bench_features_gpu.py --report gpu.json          # writes docs/benchmarks/features_gpu.md
 
 The encoder is the ``uni`` card's architecture (timm ViT-L/16, 303 M parameters, class-token pooling) with
@@ -184,6 +185,54 @@ def measure(args) -> dict:
     return res
 
 
+def check_lite0(args) -> dict:
+    """CUDA vs CPU features with real weights (efficientnet_lite0) on the B4 spots, in a shuffled spot order."""
+    import numpy as np
+    import torch
+    from anndata import AnnData
+
+    import stfm
+    from stfm.encoders import load_encoder
+
+    stfm.settings.show_progress_bar = False
+    if args.spots:
+        xy = np.load(args.spots)
+        image, mpp = args.image, args.mpp
+    else:
+        b4 = stfm.datasets.her2st("B4")
+        xy = np.asarray(b4.obsm["spatial"])
+        image, mpp = _b4()
+    xy = xy[np.random.default_rng(0).permutation(len(xy))]  # spatially random order, as Visium barcodes
+    ad = AnnData(np.zeros((len(xy), 0), np.float32))
+    ad.obsm["spatial"] = xy
+    ad.uns["spatial"] = {"b4": {"scalefactors": {"microns_per_pixel": mpp}, "metadata": {"source_image_path": image}}}
+
+    def run(device: str, amp: bool) -> np.ndarray:
+        enc = load_encoder("efficientnet_lite0", device=device)
+        return stfm.pp.extract_features(ad, enc, batch_size=32, amp=amp, inplace=False, cache=False)
+
+    cpu, fp32, bf16 = run("cpu", False), run("cuda", False), run("cuda", True)
+
+    def cos(a, b):
+        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+    # a wrong row order would pair each spot with another spot's features: compare with that failure mode
+    shifted = cos(cpu, np.roll(cpu, 1, axis=0))
+    res = {
+        "n_spots": len(xy),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "fp32_max_abs_diff": float(np.abs(fp32 - cpu).max()),
+        "fp32_min_cosine": float(cos(fp32, cpu).min()),
+        "bf16_median_cosine": float(np.median(cos(bf16, cpu))),
+        "bf16_min_cosine": float(cos(bf16, cpu).min()),
+        "wrong_order_median_cosine": float(np.median(shifted)),
+        "feature_abs_mean": float(np.abs(cpu).mean()),
+    }
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def report(path: Path, out: Path) -> None:
     d = json.loads(path.read_text())
     lines = [
@@ -238,6 +287,27 @@ def report(path: Path, out: Path) -> None:
         "(*jpeg* rows), the workers' start and the first batch before the GPU has work.",
         "",
     ]
+    chk = d.get("check_lite0")
+    if chk:
+        lines += [
+            "## Correctness on CUDA with real weights",
+            "",
+            f"`efficientnet_lite0` (real ImageNet weights) on the {chk['n_spots']} B4 spots in a shuffled order, batch 32, "
+            "4 workers: features from CUDA against features from the CPU (same code, same call).",
+            "",
+            "| comparison | value |",
+            "|---|---|",
+            f"| CUDA fp32 vs CPU: largest absolute difference (mean \\|feature\\| {chk['feature_abs_mean']:.2f}) | "
+            f"{chk['fp32_max_abs_diff']:.2g} |",
+            f"| CUDA fp32 vs CPU: smallest per-spot cosine | {chk['fp32_min_cosine']:.5f} |",
+            f"| CUDA bf16 autocast vs CPU fp32: median / smallest per-spot cosine | {chk['bf16_median_cosine']:.4f} / "
+            f"{chk['bf16_min_cosine']:.4f} |",
+            f"| for scale: CPU features against the next spot's (median cosine) | {chk['wrong_order_median_cosine']:.3f} |",
+            "",
+            "Rows come back in the caller's order (features paired with the wrong spot would sit near the last row's "
+            "cosine). The fp32 difference is not zero because PyTorch lets cuDNN run fp32 convolutions in TF32 by default and the GPU resamples "
+            "tiles with the float kernel (rounded) where the CPU uses torch's integer kernel, one grey level apart at most.",
+        ]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -251,6 +321,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[4, 8])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-tiff", action="store_true")
+    p.add_argument("--check-lite0", action="store_true", help="only compare CUDA and CPU features (real weights)")
+    p.add_argument("--spots", default=None, help="(n, 2) .npy of spot centres for --check-lite0 with --image")
     p.add_argument("--work", default=os.environ.get("STFM_BENCH_DIR", "/tmp/stfm_bench"))
     p.add_argument("--json", default=None, help="write the measurements here")
     p.add_argument("--report", default=None, help="write the Markdown table from a saved --json file")
@@ -261,6 +333,14 @@ def main() -> None:
         return
     if args.image and args.mpp is None:
         p.error("--image needs --mpp")
+    if args.check_lite0:
+        chk = check_lite0(args)
+        if args.json:  # merged into an existing measurement file when there is one
+            path = Path(args.json)
+            res = json.loads(path.read_text()) if path.is_file() else {}
+            res["check_lite0"] = chk
+            path.write_text(json.dumps(res, indent=1))
+        return
     res = measure(args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
