@@ -17,6 +17,10 @@ Protocol (printed with the numbers):
   chosen by `fit_cancer_model` on the reference only (each reference section held out in turn, Platt
   calibration, F1-optimal threshold) and then fixed.
 - stfm (expression, PCA): same, with the PCA expression embedding (fit on reference) instead of scVI.
+- stfm (expression, scVI on all 24 A–D sections): the scVI embedding (batch = section, HVGs over all of
+  them) trained once, without labels, on the counts of all 24 sections of patients A–D (the labelled four
+  included, as in the scVI variant above; patients E–H left out); the classifier still sees only the three
+  reference sections' labels.
 - stfm (expression, PCA, section-standardised, context 1–8): the PCA embedding standardised within each
   section (`standardize="section"`, query included, label-free) and context rings 1/2/4/8 pitches: the setting
   with the best inner-validation AUC (reference labels only) in every fold, see
@@ -126,6 +130,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pca", action="store_true", help="skip the stfm PCA-embedding variant")
     parser.add_argument("--no-scvi", action="store_true", help="skip the stfm scVI-embedding variant")
+    parser.add_argument("--no-scvi-pool", action="store_true",
+                        help="skip the stfm variant whose scVI embedding is trained on all 24 sections of patients A-D")
     parser.add_argument("--no-pca-section", action="store_true",
                         help="skip the stfm variant with the section-standardised PCA embedding and context to 8 pitches")
     parser.add_argument("--criterion", default="f1", choices=["f1", "youden"], help="threshold criterion on validation")
@@ -152,6 +158,17 @@ def main() -> None:
     variants = [] if args.no_scvi else [(f"stfm expression (scVI{tag})", "scvi", "X_scvi_expr", {}, {})]
     if not args.no_pca:
         variants.append((f"stfm expression (PCA{tag})", "pca", "X_pca_expr", {}, {}))
+    pool = None
+    if not args.no_scvi_pool:
+        # unsupervised: the scVI embedding sees the counts of all 24 sections of patients A-D (no label is read;
+        # patients E-H, whose labels are kept for judging elsewhere, are left out entirely), computed once
+        t0 = time.time()
+        pool = {s: stfm.datasets.her2st(s) for s in stfm.datasets.her2st_sections() if s[0] in "ABCD"}
+        stfm.tl.expression_embedding(pool, method="scvi", n_comps=16, max_epochs=scvi_epochs, seed=args.seed,
+                                     key_added="X_scvi_pool")  # fmt: skip
+        pool_s = time.time() - t0
+        print(f"scVI on {len(pool)} unlabelled sections: {pool_s:.0f}s", flush=True)
+        variants.append((f"stfm expression (scVI on all 24 A–D sections, unlabelled{tag})", "pool", "X_scvi_pool", {}, {}))
     if not args.no_pca_section:
         variants.append((f"stfm expression (PCA, section-standardised, context 1–8{tag})", "pca", "X_pca_expr",
                          {"standardize": "section"}, {"scales": (1.0, 2.0, 4.0, 8.0)}))  # fmt: skip
@@ -163,8 +180,12 @@ def main() -> None:
         fold = {s: secs[s].copy() for s in SECTIONS}
         for label, method, key, emb_kw, fit_kw in variants:
             t0 = time.time()
-            stfm.tl.expression_embedding(fold, method=method, reference=ref_names, n_comps=16, max_epochs=scvi_epochs,
-                                         seed=args.seed, **emb_kw)  # fmt: skip
+            if method == "pool":  # computed once above, on unlabelled sections only
+                for s in SECTIONS:
+                    fold[s].obsm[key] = pool[s].obsm[key]
+            else:
+                stfm.tl.expression_embedding(fold, method=method, reference=ref_names, n_comps=16,
+                                             max_epochs=scvi_epochs, seed=args.seed, **emb_kw)  # fmt: skip
             model = stfm.tl.fit_cancer_model(
                 {s: fold[s] for s in ref_names}, label_key="pathologist_label", positive=POSITIVE, ignore=IGNORE,
                 expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs=None, threshold_criterion=args.criterion,
