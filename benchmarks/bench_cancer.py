@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pca", action="store_true", help="skip the stfm PCA-embedding variant")
     parser.add_argument("--no-scvi", action="store_true", help="skip the stfm scVI-embedding variant")
+    parser.add_argument("--n-members", type=int, default=1,
+                        help="CancerClassifier ensemble size for every stfm variant (model_kwargs n_members)")
     parser.add_argument("--no-scvi-pool", action="store_true",
                         help="skip the stfm variant whose scVI embedding is trained on all 24 sections of patients A-D")
     parser.add_argument("--no-pca-section", action="store_true",
@@ -154,6 +156,9 @@ def main() -> None:
         return
     secs = {s: stfm.datasets.her2st(s) for s in SECTIONS}
     tag = "" if args.criterion == "f1" else f", {args.criterion} threshold"
+    if args.n_members > 1:
+        tag += f", ensemble of {args.n_members}"
+    model_kwargs = {"n_members": args.n_members} if args.n_members > 1 else None
     # (label, embedding method, obsm key, expression_embedding extras, fit_cancer_model extras)
     variants = [] if args.no_scvi else [(f"stfm expression (scVI{tag})", "scvi", "X_scvi_expr", {}, {})]
     if not args.no_pca:
@@ -188,7 +193,7 @@ def main() -> None:
                                              max_epochs=scvi_epochs, seed=args.seed, **emb_kw)  # fmt: skip
             model = stfm.tl.fit_cancer_model(
                 {s: fold[s] for s in ref_names}, label_key="pathologist_label", positive=POSITIVE, ignore=IGNORE,
-                expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs=None, threshold_criterion=args.criterion,
+                expr_rep=key, max_epochs=clf_epochs, seed=args.seed, model_kwargs=model_kwargs, threshold_criterion=args.criterion,
                 **fit_kw,
             )  # fmt: skip
             q = fold[test]

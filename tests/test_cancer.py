@@ -130,6 +130,37 @@ def test_reproducible_with_seed(synth):
     assert not np.array_equal(m1.predict(synth["S3"]), m3.predict(synth["S3"]))
 
 
+def test_ensemble_members_are_distinct_and_averaged(synth, tmp_path):
+    """n_members > 1: distinct networks in one model; the logit is their mean; save/load keeps every member."""
+    import torch
+
+    ref = {k: synth[k] for k in ("S0", "S1")}
+    kw = {**FAST, "model_kwargs": {**FAST["model_kwargs"], "n_members": 3}}
+    model = stfm.tl.fit_cancer_model(ref, use_rep="X_img", expr_rep="X_expr", validation="none", seed=0, **kw)
+    assert model.module.n_members == 3 and "ensemble of 3" in model._model_summary_string
+    w = [m.head[-1].weight.detach().clone() for m in model.module.members]
+    assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
+    q = synth["S3"]
+    logits = model.predict_logits(q)
+    # the mean of the members' logits, member by member
+    tok = model._validate_anndata(model._query_tokens(q))
+    dl = model._make_data_loader(adata=tok, batch_size=tok.n_obs, shuffle=False)
+    model.module.eval()
+    with torch.inference_mode():
+        out = model.module.inference(**model.module._get_inference_input(next(iter(dl))))
+    np.testing.assert_allclose(out["member_logits"].mean(0).numpy(), logits, rtol=1e-5, atol=1e-5)
+    assert out["member_logits"].shape == (3, q.n_obs)
+    assert float(out["member_logits"].std(0).mean()) > 1e-3  # the members disagree somewhat
+    y = q.obs["pathologist_label"].isin(POS).to_numpy().astype(int)
+    assert _auc(y, logits) > 0.85
+    model.save(tmp_path / "ens")
+    back = stfm.model.CancerClassifier.load(tmp_path / "ens")
+    assert back.module.n_members == 3
+    np.testing.assert_allclose(back.predict_logits(q), logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="n_members"):
+        stfm.tl.fit_cancer_model(ref, expr_rep="X_expr", validation="none", **{**FAST, "model_kwargs": {"n_members": 0}})
+
+
 def test_threshold_never_reads_test_labels(fitted, synth):
     rng = np.random.default_rng(0)
     q1 = synth["S3"].copy()

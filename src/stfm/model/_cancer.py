@@ -97,8 +97,9 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
         AnnData registered with :meth:`setup_anndata`.
     registry
         Registry of a saved model (used by :meth:`load` without data).
-    d_model, n_heads, n_layers, dropout, modality_dropout, contrastive_weight, learn_temperature
-        Passed to :class:`~stfm.module.CancerModule`.
+    d_model, n_heads, n_layers, dropout, modality_dropout, contrastive_weight, learn_temperature, n_members
+        Passed to :class:`~stfm.module.CancerModule` (``n_members > 1``: an ensemble of that many networks in one
+        model, trained together, logits averaged).
     pos_weight
         Positive-class BCE weight; ``None`` = ``n_negative / n_positive`` of the registered labels.
     """
@@ -118,6 +119,7 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
         contrastive_weight: float = 0.1,
         learn_temperature: bool = True,
         pos_weight: float | None = None,
+        n_members: int = 1,
     ) -> None:
         super().__init__(adata, registry=registry)
         stats = self.summary_stats
@@ -132,6 +134,7 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
             n_image, n_expr, n_ctx, d_model=d_model, n_heads=n_heads, n_layers=n_layers, dropout=dropout,
             modality_dropout=modality_dropout, contrastive_weight=contrastive_weight,
             pos_weight=1.0 if pos_weight is None else pos_weight, learn_temperature=learn_temperature,
+            n_members=n_members,
         )  # fmt: skip
         if adata is not None:
             self.module.set_standardisation(
@@ -144,7 +147,7 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
         self.calibration_: dict[str, Any] = {"method": "none", "a": 1.0, "b": 0.0}
         self._model_summary_string = (
             f"CancerClassifier: image dim {n_image}, expression dim {n_expr}, {n_ctx} context tokens per modality, "
-            f"d_model {d_model}, {n_layers} layers"
+            f"d_model {d_model}, {n_layers} layers" + (f", ensemble of {n_members}" if n_members > 1 else "")
         )
         self.init_params_ = self._get_init_params(locals())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,85 @@ class _ModalityEncoder(nn.Module):
         return self.proj(self.drop((x - self.mean) / self.std))
 
 
+class _FusionNet(nn.Module):
+    """One member: modality projections, learned [CLS] and slot embeddings, transformer encoder, classifier head."""
+
+    def __init__(self, n_image: int, n_expression: int, n_context: int, *, d_model: int, n_heads: int, n_layers: int,
+                 dropout: float, learn_temperature: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.n_context = int(n_context)
+        self.image_encoder = _ModalityEncoder(n_image, d_model, dropout) if n_image > 0 else None
+        self.expr_encoder = _ModalityEncoder(n_expression, d_model, dropout) if n_expression > 0 else None
+        # slots: 0 cls, 1 image self, 2 expression self, 3.. image context, then expression context
+        self.n_tokens = 3 + 2 * self.n_context
+        self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.position = nn.Parameter(torch.randn(1, self.n_tokens, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model, n_heads, dim_feedforward=2 * d_model, dropout=dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, 1))
+        if n_image > 0 and n_expression > 0:
+            self.image_contrast = nn.Linear(d_model, d_model)
+            self.expr_contrast = nn.Linear(d_model, d_model)
+        else:
+            self.image_contrast = self.expr_contrast = None
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)), requires_grad=bool(learn_temperature))
+
+    def _side(self, enc, x, ctx, ctx_mask, has, n_batch, device):
+        d_model = self.cls.shape[-1]
+        if enc is None or x is None:
+            tokens = torch.zeros(n_batch, 1 + self.n_context, d_model, device=device)
+            present = torch.zeros(n_batch, 1 + self.n_context, dtype=torch.bool, device=device)
+            return tokens, present, None
+        has = has.reshape(-1) > 0.5
+        own = enc(x).unsqueeze(1)
+        if self.n_context > 0:
+            ctx = ctx.reshape(n_batch, self.n_context, -1)
+            ctx_tokens = enc(ctx)
+            ctx_present = ctx_mask > 0.5
+            tokens = torch.cat([own, ctx_tokens], dim=1)
+            present = torch.cat([has.unsqueeze(1), ctx_present], dim=1)
+        else:
+            tokens, present = own, has.unsqueeze(1)
+        return tokens, present, own.squeeze(1)
+
+    def forward(self, image, image_ctx, image_ctx_mask, has_image, expression, expression_ctx, expression_ctx_mask,
+                has_expression, *, modality_dropout: float) -> dict[str, torch.Tensor]:  # fmt: skip
+        ref = image if image is not None else expression
+        n_batch, device = ref.shape[0], ref.device
+        img_tok, img_present, img_own = self._side(self.image_encoder, image, image_ctx, image_ctx_mask, has_image, n_batch, device)
+        exp_tok, exp_present, exp_own = self._side(self.expr_encoder, expression, expression_ctx, expression_ctx_mask, has_expression, n_batch, device)
+        both = img_present[:, 0] & exp_present[:, 0]
+        if self.training and modality_dropout > 0:
+            u = torch.rand(n_batch, device=device)
+            drop_img = both & (u < modality_dropout / 2)
+            drop_exp = both & (u >= modality_dropout / 2) & (u < modality_dropout)
+            img_present = img_present & ~drop_img.unsqueeze(1)
+            exp_present = exp_present & ~drop_exp.unsqueeze(1)
+        # order: cls, image self, expression self, image context, expression context
+        tokens = torch.cat(
+            [self.cls.expand(n_batch, -1, -1), img_tok[:, :1], exp_tok[:, :1], img_tok[:, 1:], exp_tok[:, 1:]], dim=1
+        ) + self.position
+        present = torch.cat(
+            [torch.ones(n_batch, 1, dtype=torch.bool, device=device), img_present[:, :1], exp_present[:, :1],
+             img_present[:, 1:], exp_present[:, 1:]], dim=1,
+        )  # fmt: skip
+        hidden = self.encoder(tokens, src_key_padding_mask=~present)
+        logit = self.head(self.norm(hidden[:, 0])).squeeze(-1)
+        return {"logit": logit, "image_own": img_own, "expression_own": exp_own, "both": both}
+
+    def info_nce(self, img: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+        zi = F.normalize(self.image_contrast(img), dim=-1)
+        ze = F.normalize(self.expr_contrast(exp), dim=-1)
+        logits = zi @ ze.T / self.log_temperature.exp().clamp(min=1e-3)
+        target = torch.arange(zi.shape[0], device=zi.device)
+        return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
+
+
 class CancerModule(BaseModuleClass):
-    """Transformer fusion over real tokens, BCE + InfoNCE(image ↔ expression).
+    """Transformer fusion over real tokens, BCE + InfoNCE(image ↔ expression), optionally an ensemble.
 
     Tokens of one spot: a learned ``[CLS]`` token; the spot's own image and expression embeddings; the
     pooled context tokens of each modality (one per scale ring × angular sector, see
@@ -49,6 +127,11 @@ class CancerModule(BaseModuleClass):
     it is (modality, self/ring, sector). A small transformer encoder attends over the tokens with a padding
     mask: a modality the spot lacks, or a context bin without neighbours, is masked out, never zero-filled.
     The ``[CLS]`` output feeds the classifier.
+
+    With ``n_members > 1`` the module holds that many such networks, each with its own initialisation and
+    dropout draws, trained side by side on the same minibatches (the loss is the mean of the members'
+    losses, so their gradients do not mix); the logit is the mean of the members' logits. Small reference
+    sets give unstable single models; the mean over members is steadier.
 
     Training extras: *modality dropout* (for a spot with both modalities, the whole image or the whole
     expression side is masked with probability ``modality_dropout / 2`` each), so that either modality may
@@ -79,6 +162,8 @@ class CancerModule(BaseModuleClass):
         Weight of the positive class in the BCE (``n_negative / n_positive`` of the training labels balances them).
     learn_temperature
         Learn the InfoNCE temperature (else fixed at 0.07).
+    n_members
+        Number of networks in the ensemble (1 = a single model).
     """
 
     def __init__(
@@ -95,10 +180,14 @@ class CancerModule(BaseModuleClass):
         contrastive_weight: float = 0.1,
         pos_weight: float = 1.0,
         learn_temperature: bool = True,
+        n_members: int = 1,
     ) -> None:
         super().__init__()
         if n_image <= 0 and n_expression <= 0:
             msg = "CancerModule needs at least one modality: `n_image` or `n_expression` must be > 0."
+            raise ValueError(msg)
+        if int(n_members) < 1:
+            msg = f"Expected `n_members` >= 1, found {n_members!r}."
             raise ValueError(msg)
         self.n_image = int(n_image)
         self.n_expression = int(n_expression)
@@ -106,32 +195,25 @@ class CancerModule(BaseModuleClass):
         self.modality_dropout = float(modality_dropout)
         self.contrastive_weight = float(contrastive_weight)
         self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
-        self.image_encoder = _ModalityEncoder(n_image, d_model, dropout) if n_image > 0 else None
-        self.expr_encoder = _ModalityEncoder(n_expression, d_model, dropout) if n_expression > 0 else None
-        # slots: 0 cls, 1 image self, 2 expression self, 3.. image context, then expression context
-        self.n_tokens = 3 + 2 * self.n_context
-        self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
-        self.position = nn.Parameter(torch.randn(1, self.n_tokens, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            d_model, n_heads, dim_feedforward=2 * d_model, dropout=dropout, batch_first=True, norm_first=True
+        self.members = nn.ModuleList(
+            _FusionNet(n_image, n_expression, n_context, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+                       dropout=dropout, learn_temperature=learn_temperature)  # fmt: skip
+            for _ in range(int(n_members))
         )
-        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, 1))
-        if n_image > 0 and n_expression > 0:
-            self.image_contrast = nn.Linear(d_model, d_model)
-            self.expr_contrast = nn.Linear(d_model, d_model)
-        else:
-            self.image_contrast = self.expr_contrast = None
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)), requires_grad=bool(learn_temperature))
+
+    @property
+    def n_members(self) -> int:
+        """Number of networks in the ensemble."""
+        return len(self.members)
 
     def set_standardisation(self, *, image: tuple | None = None, expression: tuple | None = None) -> None:
-        """Store the reference mean / std of each embedding (applied before the projections)."""
-        for enc, stats in ((self.image_encoder, image), (self.expr_encoder, expression)):
-            if enc is not None and stats is not None:
-                mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in stats)
-                enc.mean.copy_(mean)
-                enc.std.copy_(torch.clamp(std, min=1e-6))
+        """Store the reference mean / std of each embedding (applied before the projections of every member)."""
+        for member in self.members:
+            for enc, stats in ((member.image_encoder, image), (member.expr_encoder, expression)):
+                if enc is not None and stats is not None:
+                    mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in stats)
+                    enc.mean.copy_(mean)
+                    enc.std.copy_(torch.clamp(std, min=1e-6))
 
     # -- scvi-tools module interface -----------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -142,24 +224,6 @@ class CancerModule(BaseModuleClass):
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict:
         return {}
-
-    def _side(self, enc, x, ctx, ctx_mask, has, n_batch, device):
-        d_model = self.cls.shape[-1]
-        if enc is None or x is None:
-            tokens = torch.zeros(n_batch, 1 + self.n_context, d_model, device=device)
-            present = torch.zeros(n_batch, 1 + self.n_context, dtype=torch.bool, device=device)
-            return tokens, present, None
-        has = has.reshape(-1) > 0.5
-        own = enc(x).unsqueeze(1)
-        if self.n_context > 0:
-            ctx = ctx.reshape(n_batch, self.n_context, -1)
-            ctx_tokens = enc(ctx)
-            ctx_present = ctx_mask > 0.5
-            tokens = torch.cat([own, ctx_tokens], dim=1)
-            present = torch.cat([has.unsqueeze(1), ctx_present], dim=1)
-        else:
-            tokens, present = own, has.unsqueeze(1)
-        return tokens, present, own.squeeze(1)
 
     @auto_move_data
     def inference(
@@ -172,61 +236,43 @@ class CancerModule(BaseModuleClass):
         expression_ctx=None,
         expression_ctx_mask=None,
         has_expression=None,
-    ) -> dict[str, torch.Tensor]:
-        """Logit per spot from the attention-fused tokens (plus the projected embeddings for InfoNCE)."""
+    ) -> dict[str, Any]:
+        """Logit per spot (mean over members) from the attention-fused tokens, plus what the losses need."""
         ref = image if image is not None else expression
-        n_batch, device = ref.shape[0], ref.device
-        ones = torch.ones(n_batch, 1, device=device)
+        ones = torch.ones(ref.shape[0], 1, device=ref.device)
         has_image = ones if has_image is None else has_image
         has_expression = ones if has_expression is None else has_expression
-        img_tok, img_present, img_own = self._side(self.image_encoder, image, image_ctx, image_ctx_mask, has_image, n_batch, device)
-        exp_tok, exp_present, exp_own = self._side(self.expr_encoder, expression, expression_ctx, expression_ctx_mask, has_expression, n_batch, device)
-        both = img_present[:, 0] & exp_present[:, 0]
-        if self.training and self.modality_dropout > 0:
-            u = torch.rand(n_batch, device=device)
-            drop_img = both & (u < self.modality_dropout / 2)
-            drop_exp = both & (u >= self.modality_dropout / 2) & (u < self.modality_dropout)
-            img_present = img_present & ~drop_img.unsqueeze(1)
-            exp_present = exp_present & ~drop_exp.unsqueeze(1)
-        # order: cls, image self, expression self, image context, expression context
-        tokens = torch.cat(
-            [self.cls.expand(n_batch, -1, -1), img_tok[:, :1], exp_tok[:, :1], img_tok[:, 1:], exp_tok[:, 1:]], dim=1
-        ) + self.position
-        present = torch.cat(
-            [torch.ones(n_batch, 1, dtype=torch.bool, device=device), img_present[:, :1], exp_present[:, :1],
-             img_present[:, 1:], exp_present[:, 1:]], dim=1,
-        )  # fmt: skip
-        hidden = self.encoder(tokens, src_key_padding_mask=~present)
-        logit = self.head(self.norm(hidden[:, 0])).squeeze(-1)
-        return {"logit": logit, "image_own": img_own, "expression_own": exp_own, "both": both}
+        outs = [
+            m(image, image_ctx, image_ctx_mask, has_image, expression, expression_ctx, expression_ctx_mask,
+              has_expression, modality_dropout=self.modality_dropout)  # fmt: skip
+            for m in self.members
+        ]
+        member_logits = torch.stack([o["logit"] for o in outs])
+        return {"logit": member_logits.mean(0), "member_logits": member_logits, "members": outs}
 
     def generative(self, **kwargs) -> dict:
         """No generative model: the classifier is discriminative."""
         return {}
 
-    def _info_nce(self, img: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
-        zi = F.normalize(self.image_contrast(img), dim=-1)
-        ze = F.normalize(self.expr_contrast(exp), dim=-1)
-        logits = zi @ ze.T / self.log_temperature.exp().clamp(min=1e-3)
-        target = torch.arange(zi.shape[0], device=zi.device)
-        return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
-
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """BCE (class-weighted) + λ · InfoNCE, per spot; the mean over the minibatch is optimised."""
-        logit = inference_outputs["logit"]
+        """Per member: BCE (class-weighted) + λ · InfoNCE, per spot; the mean over members and minibatch is optimised."""
         y = tensors[TENSOR_KEYS.LABEL].reshape(-1).float()
         valid = torch.isfinite(y)
-        bce = F.binary_cross_entropy_with_logits(
-            logit, torch.where(valid, y, torch.zeros_like(y)), pos_weight=self.pos_weight, reduction="none"
-        ) * valid.float()
-        per_spot = bce
-        extra = {}
-        both = inference_outputs["both"]
-        if self.image_contrast is not None and int(both.sum()) >= 2:
-            nce = torch.zeros_like(bce)
-            nce[both] = self._info_nce(inference_outputs["image_own"][both], inference_outputs["expression_own"][both])
-            per_spot = bce + self.contrastive_weight * nce
-            extra["info_nce"] = nce[both].mean().detach()
+        target = torch.where(valid, y, torch.zeros_like(y))
+        per_spot = torch.zeros_like(y)
+        nces = []
+        for member, out in zip(self.members, inference_outputs["members"]):
+            term = F.binary_cross_entropy_with_logits(
+                out["logit"], target, pos_weight=self.pos_weight, reduction="none"
+            ) * valid.float()
+            both = out["both"]
+            if member.image_contrast is not None and int(both.sum()) >= 2:
+                nce = torch.zeros_like(term)
+                nce[both] = member.info_nce(out["image_own"][both], out["expression_own"][both])
+                term = term + self.contrastive_weight * nce
+                nces.append(nce[both].mean().detach())
+            per_spot = per_spot + term / self.n_members
+        extra = {"info_nce": torch.stack(nces).mean()} if nces else {}
         loss = per_spot.sum() / valid.sum().clamp(min=1)
         return LossOutput(loss=loss, reconstruction_loss=per_spot, extra_metrics=extra)
 
