@@ -529,7 +529,7 @@ def write_report(args, results, big, mpp, total_s) -> None:
         "- LazySlide 0.13.0 (+ wsidata 0.12, lazyslide-models 0.1) from a separate `pip install --target` folder; "
         "`zs.tl.feature_extraction(wsi, TimmModel(...), batch_size=32, num_workers=0)` (its default workers), model preloaded, after a warm-up on 32 tiles.",
         "- Crops are cut by `stfm.data.TileDataset` and resampled a batch at a time with `stfm.data.resize_tiles` "
-        "(torch's antialiased bicubic; on the CPU its uint8 kernel, within one grey level of PIL).",
+        "(torch's antialiased bicubic; on the CPU its uint8 kernel, within two grey levels of PIL).",
         "",
         "## 1. Pipeline overhead: extract_features vs bare forward (CPU)",
         "",

@@ -244,8 +244,8 @@ def extract_features(
     # 3. Features: from the cache, or computed.
     # The key hashes the image and the weights: skipped when the cache is off.
     digest = _cache_key(inputs, enc, dataset, tile_um=tile_um, enc_mpp=enc_mpp, spot_scale=spot_scale) if cache else None
-    cache_path = settings.cache_dir / "features" / f"{digest}.npy"
-    feats = _cache_read(cache_path, (n, enc.embed_dim)) if cache else None
+    cache_path = settings.cache_dir / "features" / f"{digest}.npy" if cache else None
+    feats = _cache_read(cache_path, (n, enc.embed_dim)) if cache_path is not None else None
     hit = feats is not None
     dev_used, amp_used, tuned = "none (cache)", False, False
     if feats is None:
