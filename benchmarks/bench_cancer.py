@@ -60,7 +60,7 @@ def baseline(ref: dict, test, seed: int) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression
 
     from stfm.model._cancer import label_to_target
-    from stfm.tl._cancer import _log_normalise
+    from stfm.tl._cancer_common import _log_normalise
 
     genes = test.var_names
     for a in ref.values():

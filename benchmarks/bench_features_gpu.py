@@ -80,9 +80,9 @@ def measure(args) -> dict:
     import timm
     import torch
     from anndata import AnnData
+    from bench_features import make_b4_tiff
 
     import stfm
-    from bench_features import make_b4_tiff
     from stfm.data import TileDataset, open_image
 
     stfm.settings.show_progress_bar = False

@@ -23,6 +23,7 @@ warnings.simplefilter("ignore")
 torch.set_num_threads(1)
 logging.disable(logging.WARNING)
 import stfm
+
 stfm.settings.show_progress_bar = False
 cfg = json.loads(sys.argv[1])
 S = ["A1", "B1", "C1", "D1"]

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 project = "stfm"
 author = "stfm developers"
 copyright = f"{date.today().year}, {author}"
-release = "0.1.0"
+release = "0.2.0"
 
 extensions = [
     "myst_nb",

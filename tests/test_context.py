@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stfm.tl._context import pool_context, pool_context_reference, ring_radii, spot_pitch
+from stfm.graph import pool_context, pool_context_reference, ring_radii, spot_pitch
 
 
 def _grid(nx: int, ny: int, pitch: float, rng, jitter: float = 0.0) -> np.ndarray:

@@ -151,7 +151,7 @@ def test_spatialdata_input_matches_anndata(b4_small, lite0, b4_image):
     again = stfm.pp.extract_features(sdata, lite0, inplace=False, cache=False)
     np.testing.assert_allclose(again, ref, rtol=1e-5, atol=1e-6)
 
-    with pytest.raises(KeyError, match="Available images"):
+    with pytest.raises(KeyError, match=r"`sdata.images\['nope'\]` not found. Available"):
         stfm.pp.extract_features(sdata, lite0, image_key="nope")
 
     # H&E-only: shapes without a table → a zero-gene table '<shapes>_table' is created, complete, at the end
@@ -296,7 +296,7 @@ def test_error_custom_model_wrong_shape(b4):
 def test_error_missing_spatial(b4, lite0):
     ad = _subset(b4, 3)
     del ad.obsm["spatial"]
-    with pytest.raises(KeyError, match=r"`obsm\['spatial'\]` not found"):
+    with pytest.raises(KeyError, match=r"`adata.obsm\['spatial'\]` not found: spot coordinates are needed for cutting tiles"):
         stfm.pp.extract_features(ad, lite0)
 
 

@@ -199,7 +199,7 @@ def test_make_tiles_into_existing_spatialdata_and_errors():
         stfm.pp.make_tiles(sdata, image_key="slide", max_px=500)
     with pytest.raises(ValueError, match="pass `slide_mpp=`"):
         stfm.pp.make_tiles(img, max_px=500)
-    with pytest.raises(KeyError, match="Available images"):
+    with pytest.raises(KeyError, match=r"`sdata.images\['nope'\]` not found. Available"):
         stfm.pp.make_tiles(sdata, image_key="nope", shapes_key="t2")
     with pytest.raises(ValueError, match="No tile of 40 µm"):
         stfm.pp.make_tiles(np.full((500, 500, 3), 245, np.uint8), slide_mpp=0.5, tile_um=40.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["EXPR_KEYS", "Key"]
+__all__ = ["CANCER_MARKERS", "EXPR_KEYS", "REGION_CATEGORIES", "REGION_COLORS", "Key"]
 
 
 class _ExpressionRegistryKeys(NamedTuple):
@@ -12,10 +12,22 @@ class _ExpressionRegistryKeys(NamedTuple):
     EMBEDDING_KEY: str = "embedding"
     SECTION_KEY: str = "section"
     PATIENT_KEY: str = "patient"
+    SPATIAL_KEY: str = "spatial"
 
 
-#: Keys under which :class:`stfm.model.ExpressionPredictor` registers its AnnData fields.
+#: Keys under which every expression model (:class:`stfm.model.ExpressionModelBase`) registers its AnnData fields.
 EXPR_KEYS = _ExpressionRegistryKeys()
+
+#: Marker genes of the ``method='signature'`` cancer score: epithelial / luminal breast carcinoma and HER2 amplicon
+#: genes (ERBB2 and its co-amplified neighbours GRB7, PGAP3, STARD3), keratins and adhesion molecules of carcinoma cells.
+CANCER_MARKERS: tuple[str, ...] = (
+    "ERBB2", "GRB7", "PGAP3", "STARD3", "KRT19", "KRT18", "KRT8", "KRT7", "EPCAM", "CD24", "MUC1", "CDH1",
+    "CLDN4", "TACSTD2", "SPINT2", "AGR2",
+)  # fmt: skip
+#: Categories of ``obs['cancer_region']``, in this order.
+REGION_CATEGORIES: tuple[str, ...] = ("tumor", "boundary", "non-tumor")
+#: Colours of :data:`REGION_CATEGORIES` (``uns['cancer_region_colors']``).
+REGION_COLORS: tuple[str, ...] = ("#d62728", "#ff9f1c", "#4c78a8")
 
 
 class Key:
@@ -32,5 +44,5 @@ class Key:
 
     @staticmethod
     def std(key_added: str) -> str:
-        """Layer with the ZINB standard deviation next to ``layers[key_added]``."""
+        """Layer with the predictive standard deviation next to ``layers[key_added]``."""
         return f"{key_added}_std"

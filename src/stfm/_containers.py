@@ -14,7 +14,20 @@ import numpy as np
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["get_library_id", "get_table", "is_spatialdata", "microns_per_pixel", "prepare_output", "scalefactors"]
+__all__ = [
+    "KNOWN_SPOT_UM",
+    "get_library_id",
+    "get_table",
+    "is_spatialdata",
+    "known_spot_um",
+    "microns_per_pixel",
+    "mpp_from_scalefactors",
+    "prepare_output",
+    "scalefactors",
+]
+
+#: Physical spot diameters (µm) of platforms whose spots give a slide's µm/px.
+KNOWN_SPOT_UM = {"visium": 55.0, "st": 100.0}
 
 
 def is_spatialdata(data: Any) -> bool:
@@ -81,16 +94,41 @@ def scalefactors(adata: AnnData, library_id: str | None = None) -> dict[str, Any
     return dict(adata.uns["spatial"][lib].get("scalefactors", {}))
 
 
-def microns_per_pixel(adata: AnnData, library_id: str | None = None, *, spot_diameter_um: float | None = None) -> float | None:
-    """µm per full-resolution pixel: stored ``microns_per_pixel``, else derived from the spot diameter.
+def known_spot_um(sf: dict[str, Any], meta: dict[str, Any] | None = None) -> tuple[float, str] | None:
+    """Physical spot diameter (µm) of the platform and how it was told, when the metadata says; else ``None``."""
+    meta = meta or {}
+    if "spot_diameter_um" in meta:
+        return float(meta["spot_diameter_um"]), "`metadata['spot_diameter_um']`"
+    platform = str(meta.get("platform", "")).lower()
+    if "visium" in platform or "fiducial_diameter_fullres" in sf:
+        return KNOWN_SPOT_UM["visium"], "Visium"
+    if platform.startswith("st") or "spatial transcriptomics" in platform:
+        return KNOWN_SPOT_UM["st"], "legacy ST"
+    return None
 
-    The derivation needs the spot's physical diameter: ``spot_diameter_um`` or, for Visium
-    (``spot_diameter_fullres`` without ``microns_per_pixel``), 55 µm.
-    """
-    sf = scalefactors(adata, library_id)
-    if "microns_per_pixel" in sf and np.isfinite(sf["microns_per_pixel"]):
-        return float(sf["microns_per_pixel"])
+
+def mpp_from_scalefactors(
+    sf: dict[str, Any], meta: dict[str, Any] | None = None, *, spot_diameter_um: float | None = None
+) -> float | None:
+    """µm per full-resolution pixel: the stored ``microns_per_pixel``, else the spot's physical diameter divided by
+    ``spot_diameter_fullres`` (``spot_diameter_um``, the platform's from :func:`known_spot_um`, else Visium's 55 µm);
+    ``None`` when neither is recorded. The one place stfm derives µm/px from scale factors."""
+    stored = sf.get("microns_per_pixel")
+    if stored is not None and np.isfinite(float(stored)):
+        return float(stored)
     if "spot_diameter_fullres" in sf:
-        diameter = 55.0 if spot_diameter_um is None else float(spot_diameter_um)
+        if spot_diameter_um is not None:
+            diameter = float(spot_diameter_um)
+        else:
+            diameter = (known_spot_um(sf, meta) or (KNOWN_SPOT_UM["visium"], "Visium"))[0]
         return diameter / float(sf["spot_diameter_fullres"])
     return None
+
+
+def microns_per_pixel(adata: AnnData, library_id: str | None = None, *, spot_diameter_um: float | None = None) -> float | None:
+    """µm per full-resolution pixel of ``uns['spatial'][library_id]`` (see :func:`mpp_from_scalefactors`)."""
+    lib = get_library_id(adata, library_id)
+    if lib is None:
+        return None
+    entry = adata.uns["spatial"][lib]
+    return mpp_from_scalefactors(dict(entry.get("scalefactors", {})), dict(entry.get("metadata", {})), spot_diameter_um=spot_diameter_um)

@@ -59,8 +59,9 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
 
     1. reads her2st ``section`` (default B4, patient B) as SpatialData, and the training/reference sections;
     2. embeds every spot's H&E with ``efficientnet_lite0`` (real ImageNet weights, offline);
-    3. trains the ridge probe and the ZINB predictor on C2–C6 (patient C) for the 50 most variable training
-       genes plus ERBB2, KRT19, MGP, predicts ``section`` from H&E alone and scores it against its measured counts;
+    3. trains every registered expression method (:func:`stfm.model.list_methods`: ridge, ZINB, retrieval, …) on
+       C2–C6 (patient C) for the 50 most variable training genes plus ERBB2, KRT19, MGP, predicts ``section`` from
+       H&E alone and scores it against its measured counts (raw and composition Pearson);
     4. trains the cancer classifier on the pathologist-annotated A1, B1, C1, D1 (one section per patient) and maps
        tumour / boundary / non-tumour on ``section``;
     5. writes ``<out>/<section>.zarr`` (tables ``table`` with features and cancer calls, ``predicted`` with the
@@ -76,7 +77,7 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
     import pandas as pd
     from spatialdata.models import TableModel
 
-    from . import datasets, get, io, pl, pp, tl
+    from . import datasets, get, io, model, pl, pp, tl
     from ._settings import settings
     from .tl._expression import concat_sections, select_genes
 
@@ -106,20 +107,22 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
     candidates = concat_sections(train)
     panel = list(dict.fromkeys([*MARKERS, *select_genes(candidates, 50)]))
     epochs = {"max_epochs": 5, "early_stopping_patience": 5} if fast else {}
-    models = {
-        "ridge": tl.fit_expression(train, method="ridge", embedding_key=key, genes=panel),
-        "zinb": tl.fit_expression(train, method="zinb", embedding_key=key, genes=panel, **epochs),
-    }
-    _done(t0, f"{len(panel)} genes: ridge probe and ZINB predictor")
+    models = {}
+    for method in model.list_methods().index:
+        spec = model.get_method(method)
+        kw = epochs if "early_stopping" in spec.supports else {}
+        models[method] = tl.fit_expression(train, method=method, embedding_key=key, genes=panel, **kw)
+    _done(t0, f"{len(panel)} genes: " + ", ".join(f"{k} ({m.fit_time_s_:.0f} s)" for k, m in models.items()))
 
     t0 = _step(f"predicting {section} from H&E and scoring against its measured counts")
     query = io.to_anndata(sdata)[:, get.model_genes(models["zinb"])].copy()  # with the hires H&E in uns
     rows = []
-    for name, model in models.items():
+    for name, fitted in models.items():
         pred = query.copy()
-        tl.predict_expression(pred, model, library_size="predicted")  # per-spot depth predicted from the H&E
-        metrics = tl.evaluate_expression(pred, model=model)
-        rows.append(metrics.assign(method=name).reset_index())
+        tl.predict_expression(pred, fitted, library_size="predicted")  # per-spot depth predicted from the H&E
+        raw = tl.evaluate_expression(pred, model=fitted)
+        comp = tl.evaluate_expression(pred, model=fitted, normalize=True)[["pearson_all", "pearson_top_variable"]]
+        rows.append(raw.join(comp.add_suffix("_composition")).assign(method=name).reset_index())
         if name == "zinb":
             query = pred
     metrics = pd.concat(rows, ignore_index=True)

@@ -8,8 +8,11 @@ from typing import Any
 
 __all__ = [
     "assert_key_in",
+    "assert_one_of",
     "check_copy_inplace",
+    "check_obs_key",
     "check_positive",
+    "check_spatial",
     "check_unique_name",
     "check_valid_key",
 ]
@@ -85,3 +88,56 @@ def check_positive(value: float, *, name: str, allow_zero: bool = False) -> floa
         msg = f"Expected `{name}` to be a finite number {bound}, found {value!r}."
         raise ValueError(msg)
     return float(value)
+
+
+def assert_one_of(value: Any, options: Iterable[Any], *, name: str) -> Any:
+    """Return ``value`` if it is one of ``options``, else raise a :class:`ValueError` listing them."""
+    opts = list(options)
+    if isinstance(value, str | int | float | bool | type(None)) and value in opts:
+        return value
+    msg = f"Expected `{name}` to be one of {', '.join(repr(o) for o in opts)}; found {value!r}."
+    raise ValueError(msg)
+
+
+def check_obs_key(adata: Any, key: str, *, what: str = "column", hint: str = "") -> None:
+    """Raise a :class:`KeyError` naming the missing ``obs`` column and the columns available."""
+    if key in adata.obs:
+        return
+    msg = f"`adata.obs[{key!r}]` not found ({what}). Available columns: {sorted(map(str, adata.obs.columns))}."
+    if hint:
+        msg += f" {hint}"
+    raise KeyError(msg)
+
+
+def check_spatial(adata: Any, spatial_key: str = "spatial", *, purpose: str, where: str = "adata") -> Any:
+    """Spot / tile centres ``obsm[spatial_key]`` as a float64 ``(n, 2)`` array (x, y), checked for shape and NaN.
+
+    ``purpose`` completes the message ("… are needed for {purpose}").
+    """
+    import numpy as np
+
+    if spatial_key not in adata.obsm:
+        msg = (
+            f"`{where}.obsm[{spatial_key!r}]` not found: spot coordinates are needed for {purpose}. Available obsm "
+            f"keys: {sorted(map(str, adata.obsm.keys()))}. Read the section with an `stfm.io` reader / "
+            "`stfm.datasets`, or set `obsm['spatial']` to the (x, y) centres in full-resolution pixels."
+        )
+        raise KeyError(msg)
+    xy = adata.obsm[spatial_key]
+    xy = np.asarray(getattr(xy, "values", xy))
+    if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] != adata.n_obs:
+        msg = f"Expected `{where}.obsm[{spatial_key!r}]` of shape ({adata.n_obs}, 2) holding (x, y); found {xy.shape}."
+        raise ValueError(msg)
+    if not np.issubdtype(xy.dtype, np.number):
+        msg = f"Expected numeric coordinates in `{where}.obsm[{spatial_key!r}]`, found dtype {xy.dtype}."
+        raise TypeError(msg)
+    xy = xy[:, :2].astype(np.float64)
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        ex = [str(o) for o in adata.obs_names[bad][:3]]
+        msg = (
+            f"`{where}.obsm[{spatial_key!r}]` has NaN or inf coordinates for {int(bad.sum())} of {adata.n_obs} spots "
+            f"(e.g. {ex}). Drop them first: `adata = adata[np.isfinite(adata.obsm[{spatial_key!r}]).all(1)].copy()`."
+        )
+        raise ValueError(msg)
+    return xy

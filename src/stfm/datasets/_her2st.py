@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._settings import settings
+from ..io._her2st import HER2ST_SECTIONS
 from ._her2st_registry import HER2ST_SHA256
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ _COMMITS = {
     "res/ST-cluster/motivation.csv": "47b2e34be3bacfb7564095859c6a6003c26765d9",
     "app/www/imgs/": "e347d30d6e940eaf510f6aef7ee45870f19c4eaf",
 }
-_SECTIONS = [f"{p}{i}" for p, n in zip("ABCDEFGH", (6, 6, 6, 6, 3, 3, 3, 3), strict=True) for i in range(1, n + 1)]
+_SECTIONS = list(HER2ST_SECTIONS)
 #: Original full-resolution H&E per section, where the public repository holds one.
 _FULLRES = {
     "B4": "data/ST-imgs/B/B4/BT10737_D2_HE.jpg",
@@ -71,9 +72,7 @@ def _sha256(path: Path) -> str:
 
 
 def _verify(path: Path, relpath: str) -> None:
-    expected = HER2ST_SHA256.get(relpath)
-    if expected is None:
-        return
+    expected = HER2ST_SHA256[relpath]
     found = _sha256(path)
     if found != expected:
         msg = (
@@ -84,7 +83,18 @@ def _verify(path: Path, relpath: str) -> None:
 
 
 def _fetch(relpath: str) -> Path:
-    """Return a verified local copy of ``relpath``: the mirror at ``STFM_DATA_DIR`` first, then the cache/download."""
+    """Return a verified local copy of ``relpath``: the mirror at ``STFM_DATA_DIR`` first, then the cache/download.
+
+    Every file is checked against its pinned sha256, including a copy already in the cache. A file with no pinned
+    hash is never downloaded (nothing could verify it): a :class:`FileNotFoundError` says so.
+    """
+    expected = HER2ST_SHA256.get(relpath)
+    if expected is None:
+        msg = (
+            f"{relpath} has no pinned checksum in stfm, so stfm does not fetch it (it could not be verified). Read a "
+            "copy you trust with `stfm.io.read_her2st(..., labels=<path>, clusters=<path>)`."
+        )
+        raise FileNotFoundError(msg)
     if settings.data_dir is not None:
         local = settings.data_dir / "her2st" / relpath
         if local.is_file():
@@ -99,11 +109,10 @@ def _fetch(relpath: str) -> Path:
         raise FileNotFoundError(msg)
     import pooch
 
-    expected = HER2ST_SHA256.get(relpath)
     try:
         out = pooch.retrieve(
             _url(relpath),
-            known_hash=None if expected is None else f"sha256:{expected}",
+            known_hash=f"sha256:{expected}",
             fname=target.name,
             path=target.parent,
             progressbar=False,

@@ -1,11 +1,12 @@
-"""sha256 of every her2st file stfm reads (computed from the published files).
+"""sha256 of every her2st file stfm fetches (computed from the published files).
 
-Files known upstream but not hashed here carry ``None``: they download unchecked, with a warning.
+A file that is not listed here is never downloaded by :func:`stfm.datasets.her2st` (it could not be verified):
+the pathologist labels and expression clusters of patients E–H are among them, on purpose.
 """
 
 from __future__ import annotations
 
-HER2ST_SHA256: dict[str, str | None] = {
+HER2ST_SHA256: dict[str, str] = {
     "app/www/imgs/A1_HE_image_dark.png": "e3836547df4772907bb537e53f41794fe4e603e9a6c99c1f6e91ef4342b95a6d",
     "app/www/imgs/A2_HE_image_dark.png": "f37416252956df8f2ff088b4213f37e23d0522c05ef0943eeaede2be50675a73",
     "data/ST-cnts/A1.tsv.gz": "d91035e5d8a9c4ce7865e4c61446deec1a7318602d41b3220e9fcb3ce7e41fe3",

@@ -18,8 +18,8 @@ def model_genes(model: Any) -> list[str]:
     Parameters
     ----------
     model
-        An :class:`~stfm.model.ExpressionPredictor`, a :class:`~stfm.model.RidgeProbe`, or a folder written by
-        their ``save``.
+        A model from :func:`stfm.tl.fit_expression` (any registered method, or an ensemble), or a folder written
+        by its ``save``.
 
     Returns
     -------
@@ -32,12 +32,12 @@ def model_genes(model: Any) -> list[str]:
     import os
 
     if isinstance(model, str | os.PathLike):
-        from ..tl._expression import load_model
+        from ..model._ensemble import load_model
 
         model = load_model(model)
     genes = getattr(model, "genes", None)
     if genes is None:
-        msg = f"Expected an stfm expression model (ExpressionPredictor or RidgeProbe), found {type(model).__name__}."
+        msg = f"Expected an stfm expression model (see `stfm.model.list_methods()`), found {type(model).__name__}."
         raise TypeError(msg)
     return list(genes)
 

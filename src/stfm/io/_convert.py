@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._containers import get_library_id, get_table
-from .._validation import check_unique_name, check_valid_key
+from .._validation import check_spatial, check_unique_name, check_valid_key
 from ._images import downsample
 
 if TYPE_CHECKING:
@@ -52,9 +52,7 @@ def to_spatialdata(
         lib = library_id  # no image metadata yet: the name only labels the new elements
     else:
         lib = get_library_id(adata, library_id) or "library"
-    if spatial_key not in adata.obsm:
-        msg = f"`obsm[{spatial_key!r}]` not found: spot coordinates are needed to build shapes. Available: {list(adata.obsm)}."
-        raise KeyError(msg)
+    check_spatial(adata, spatial_key, purpose="building the spot shapes")
     if table_key == lib:
         msg = f"`table_key` {table_key!r} equals the shapes name; SpatialData element names must be unique."
         raise ValueError(msg)

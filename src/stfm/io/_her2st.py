@@ -79,9 +79,9 @@ def read_her2st(
     Parameters
     ----------
     path_or_section
-        A section id such as ``'B4'`` (fetched with :func:`stfm.datasets.her2st`: local mirror at
-        ``STFM_DATA_DIR`` or download), the root of a clone of the original ``almaan/her2st`` repository
-        (then pass ``section``), or the path of a counts file ``{section}.tsv.gz`` (then pass ``spots``).
+        The root of a clone of the original ``almaan/her2st`` repository (then pass ``section``), or the path of
+        a counts file ``{section}.tsv.gz`` (then pass ``spots``). To fetch a section by id (local mirror at
+        ``STFM_DATA_DIR`` or checksummed download) use :func:`stfm.datasets.her2st`, which calls this reader.
     section
         Section id when ``path_or_section`` is a repository root.
     counts, spots, image, labels, clusters, cluster_annotations
@@ -224,11 +224,11 @@ def _resolve_files(path_or_section: str | os.PathLike[str], section: str | None)
     text = os.fspath(path_or_section)
     path = Path(text)
     if _SECTION.match(text) and not path.exists():
-        from ..datasets._her2st import fetch_section
-
-        files = fetch_section(text)
-        files["section"] = text
-        return files
+        msg = (
+            f"{text!r} is a her2st section id, not a path. Fetch and read it with `stfm.datasets.her2st({text!r})` "
+            f"(local mirror or checksummed download), or pass the folder of a local copy with `section={text!r}`."
+        )
+        raise FileNotFoundError(msg)
     if path.is_dir():
         if section is None:
             msg = f"{text!r} is a directory: pass `section=` (one of {', '.join(_all_sections())})."
@@ -250,10 +250,12 @@ def _resolve_files(path_or_section: str | os.PathLike[str], section: str | None)
     raise FileNotFoundError(msg)
 
 
-def _all_sections() -> list[str]:
-    from ..datasets._her2st import her2st_sections
+#: The 36 section ids of the her2st data set (patients A–D: six sections each; E–H: three).
+HER2ST_SECTIONS = tuple(f"{p}{i}" for p, n in zip("ABCDEFGH", (6, 6, 6, 6, 3, 3, 3, 3), strict=True) for i in range(1, n + 1))
 
-    return her2st_sections()
+
+def _all_sections() -> list[str]:
+    return list(HER2ST_SECTIONS)
 
 
 def _check_section(section: str) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -15,11 +14,10 @@ from scvi.data.fields import NumericalObsField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .._logging import logger
+from .._validation import check_spatial
+from ..graph._context import pool_context
 from ..module._cancer import TENSOR_KEYS, CancerModule
-from ..tl._context import pool_context
-
-if TYPE_CHECKING:
-    pass
+from ._persist import SafeSaveLoadMixin
 
 __all__ = ["CancerClassifier", "label_to_target"]
 
@@ -67,29 +65,19 @@ def _modality_tokens(
     return x, ctx.reshape(n, -1), ctx_mask, present.astype(np.float32)
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` with every dict subclass (scvi's ``defaultdict``) turned into a plain dict, recursively."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_plain(v) for v in obj)
-    return obj
-
-
-class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
+class CancerClassifier(SafeSaveLoadMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Tumour / non-tumour classifier fusing a histology embedding, an expression embedding and their context.
 
     SpaCancer-style fusion on scvi-tools infrastructure (``AnnDataManager`` fields, ``TrainingPlan`` /
     ``TrainRunner``, ``save``/``load``); the network is :class:`stfm.module.CancerModule`. For every spot the
     model attends over real tokens: its own image and expression embeddings and, for each modality, one
     pooled context token per (scale ring × angular sector) of neighbours
-    (:func:`stfm.tl._context.pool_context`). Either modality may be missing at inference.
+    (:func:`stfm.graph.pool_context`). Either modality may be missing at inference.
 
     The decision threshold is not learnt from the training loss: :meth:`set_threshold` stores a Platt
     calibration and a threshold chosen on validation scores (see :func:`stfm.tl.fit_cancer_model`, which
-    computes them on whole reference sections held out in turn). They are saved and loaded with the model.
+    computes them on whole reference sections held out in turn). They are saved and loaded with the model
+    (safetensors weights + JSON settings; nothing is unpickled).
 
     Parameters
     ----------
@@ -199,7 +187,7 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
         spatial_key
             ``obsm`` key of spot coordinates.
         scales, n_sectors
-            Context rings (in spot pitches) and angular sectors, see :func:`stfm.tl._context.pool_context`.
+            Context rings (in spot pitches) and angular sectors, see :func:`stfm.graph.pool_context`.
         image_dim, expression_dim
             Embedding dimension to use when the modality is absent from ``adata`` (set by the model on query data).
         """
@@ -233,14 +221,7 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
     @staticmethod
     def _prepare(adata, *, image_key, expression_key, label_key, positive, ignore, section_key, spatial_key,
                  scales, n_sectors, image_dim, expression_dim) -> None:  # fmt: skip
-        if spatial_key not in adata.obsm:
-            msg = (
-                f"`obsm[{spatial_key!r}]` not found: spot coordinates are needed for the spatial context. "
-                f"Available obsm keys: {sorted(adata.obsm)}. Read the section with `stfm.datasets.her2st` / "
-                "`squidpy.read.visium`, or set `obsm['spatial']` to (x, y) spot centres."
-            )
-            raise KeyError(msg)
-        coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+        coords = check_spatial(adata, spatial_key, purpose="the spatial context")
         groups = None
         if section_key is not None and section_key in adata.obs:
             groups = adata.obs[section_key].astype(str).to_numpy()
@@ -381,59 +362,3 @@ class CancerClassifier(UnsupervisedTrainingMixin, BaseModelClass):
         self.calibration_["n_validation"] = int(labels.size)
         logger.info("cancer threshold %.3f (%s on %d validation spots, %s calibration)", self.threshold_, criterion, labels.size, calibration)
         return self.threshold_
-
-    # -- persistence -----------------------------------------------------------------------------------
-    def save(self, dir_path: str | os.PathLike[str], *, overwrite: bool = False, **kwargs: Any) -> None:
-        """Save weights, registry, threshold and calibration (never the training AnnData).
-
-        The directory is written to a temporary sibling first and renamed, so a failed save leaves nothing behind.
-        """
-        import shutil
-        import tempfile
-        from pathlib import Path
-
-        dir_path = Path(dir_path)
-        if dir_path.exists() and not overwrite:
-            msg = f"{str(dir_path)!r} already exists. Pass `overwrite=True` or choose another directory."
-            raise ValueError(msg)
-        dir_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".stfm_cancer_", dir=dir_path.parent))
-        history = self.history_
-        try:
-            # training history as plain lists, so that the file loads with ``weights_only=True`` (no pandas pickles)
-            if isinstance(history, dict):
-                self.history_ = {k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in history.items()}
-            super().save(str(tmp / "model"), overwrite=True, save_anndata=False, **kwargs)
-            # scvi's registry holds a defaultdict, which ``weights_only`` loading refuses: store plain dicts
-            saved = tmp / "model" / "model.pt"
-            torch.save(_plain(torch.load(saved, map_location="cpu", weights_only=False)), saved)
-            if dir_path.exists():
-                shutil.rmtree(dir_path)
-            (tmp / "model").rename(dir_path)
-        finally:
-            self.history_ = history
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    @classmethod
-    def load(cls, dir_path: str | os.PathLike[str], adata: AnnData | None = None, **kwargs: Any) -> CancerClassifier:
-        """Load a saved classifier; ``adata`` is optional (queries are passed to :meth:`predict`).
-
-        The file is first read with ``torch.load(weights_only=True)`` (tensors, numbers, strings and numpy arrays
-        only); a file holding anything else is refused before scvi-tools unpickles it.
-        """
-        import pickle
-        from pathlib import Path
-
-        path = Path(dir_path) / "model.pt"
-        if not path.is_file():
-            msg = f"No saved CancerClassifier in {str(dir_path)!r} (expected {str(path)!r}). Save one with `model.save(dir_path)`."
-            raise FileNotFoundError(msg)
-        safe = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype, bytes]
-        safe += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-        try:
-            with torch.serialization.safe_globals(safe):
-                torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            msg = f"{str(path)!r} holds objects other than weights and plain values; refusing to unpickle it ({type(err).__name__})."
-            raise ValueError(msg) from err
-        return super().load(str(dir_path), adata=adata if adata is not None else False, **kwargs)

@@ -9,6 +9,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._validation import assert_key_in
+
 __all__ = ["check_counts", "check_embedding", "pool_neighbors", "recorded_encoder"]
 
 
@@ -71,9 +73,8 @@ def check_embedding(adata: AnnData, embedding_key: str, *, n_dims: int | None = 
 def check_counts(adata: AnnData, layer: str | None = None) -> None:
     """Raise unless ``X`` / ``layers[layer]`` holds non-negative integer counts."""
     where = "X" if layer is None else f"layers[{layer!r}]"
-    if layer is not None and layer not in adata.layers:
-        msg = f"`adata.layers[{layer!r}]` not found. Available layers: {sorted(adata.layers.keys())}."
-        raise KeyError(msg)
+    if layer is not None:
+        assert_key_in(layer, adata.layers, where="adata.layers")
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
         msg = f"`adata.{where}` is empty; the ZINB model needs raw counts there."
@@ -99,15 +100,6 @@ def check_counts(adata: AnnData, layer: str | None = None) -> None:
         raise ValueError(msg)
 
 
-def _section_labels(adata: AnnData, section_key: str | None) -> np.ndarray:
-    if section_key is None:
-        return np.zeros(adata.n_obs, dtype=object)
-    if section_key not in adata.obs:
-        msg = f"`adata.obs[{section_key!r}]` not found. Available columns: {sorted(adata.obs.columns)}."
-        raise KeyError(msg)
-    return adata.obs[section_key].astype(str).to_numpy()
-
-
 def pool_neighbors(
     adata: AnnData,
     embedding_key: str,
@@ -120,29 +112,15 @@ def pool_neighbors(
 
     Returns an array of shape ``(n_obs, n_dims * (1 + len(n_neighbors)))``; neighbours never cross sections.
     """
-    from sklearn.neighbors import NearestNeighbors
+    from .._validation import check_obs_key, check_spatial
+    from ..graph import knn_indices
 
     emb = check_embedding(adata, embedding_key)
-    if spatial_key not in adata.obsm:
-        msg = (
-            f"Neighbour pooling needs spot coordinates in `adata.obsm[{spatial_key!r}]`; available: "
-            f"{sorted(adata.obsm.keys())}. Pass `neighbor_pooling=None` or add the coordinates."
-        )
-        raise KeyError(msg)
-    xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
-    labels = _section_labels(adata, section_key)
-    out = [emb] + [np.empty_like(emb) for _ in n_neighbors]
-    for lab in pd.unique(labels):
-        idx = np.flatnonzero(labels == lab)
-        kmax = min(max(n_neighbors), len(idx) - 1)
-        if kmax < 1:
-            for j in range(len(n_neighbors)):
-                out[j + 1][idx] = emb[idx]
-            continue
-        nn_ = NearestNeighbors(n_neighbors=kmax + 1).fit(xy[idx])
-        _, nbr = nn_.kneighbors(xy[idx])
-        nbr = nbr[:, 1:]  # drop the spot itself
-        for j, k in enumerate(n_neighbors):
-            kk = min(k, kmax)
-            out[j + 1][idx] = emb[idx][nbr[:, :kk]].mean(axis=1)
+    xy = check_spatial(adata, spatial_key, purpose="neighbour pooling (pass `neighbor_pooling=None` to go without)")
+    groups = None
+    if section_key is not None:
+        check_obs_key(adata, section_key, what="sections")
+        groups = adata.obs[section_key].astype(str).to_numpy()
+    nbr = knn_indices(xy, max(n_neighbors), groups=groups)
+    out = [emb] + [emb[nbr[:, :k]].mean(axis=1) for k in n_neighbors]
     return np.concatenate(out, axis=1).astype(np.float32)

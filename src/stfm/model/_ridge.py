@@ -1,237 +1,269 @@
-"""``RidgeProbe``: the HEST-Benchmark linear probe (StandardScaler + PCA-256 + ridge on log1p counts)."""
+"""``RidgeProbe`` (method ``'ridge'``): the HEST-Benchmark linear probe, with its penalty chosen on training sections."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
+import time
+import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 
-from .._validation import check_positive
+from .._constants import EXPR_KEYS
+from .._validation import assert_one_of, check_positive
+from ..module._ridge import RidgeModule
+from ._base import ExpressionModelBase
+from ._registry import register_expression_method
+from ._training import validation_scores
 
 __all__ = ["RidgeProbe"]
 
-_FILE = "ridge_probe.npz"
+#: penalties compared by leave-one-section-out when ``alpha=None``
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
 
 
-class RidgeProbe:
-    """Linear probe from an H&E embedding to ``log1p`` counts, as in HEST-Benchmark.
+def _hest_alpha(n_components: int, n_genes: int) -> float:
+    return 100.0 / (n_components * n_genes)
 
-    Fitted on training spots only: :class:`~sklearn.preprocessing.StandardScaler`, then
-    :class:`~sklearn.decomposition.PCA` to ``n_components`` (256), then
-    :class:`~sklearn.linear_model.Ridge` with ``alpha = 100 / (n_components · n_genes)``, ``solver='lsqr'`` and no
-    intercept, on ``log1p`` raw counts. Because the PCA scores are centred on the training spots, the ridge
-    coefficients equal those of a fit with an unpenalised intercept; the probe adds the training mean of each
-    target back, so per-gene Pearson correlations are exactly HEST's and MSE/MAE are meaningful.
 
-    This is **not** an scvi-tools model (there is nothing to train by gradient descent); it mirrors the
-    :class:`~stfm.model.ExpressionPredictor` surface where that makes sense: construct on a training AnnData,
-    :meth:`train`, :meth:`predict` with a library size, :meth:`save` / :meth:`load`, :attr:`genes`.
+class _Fold:
+    """One leave-one-section-out fold: PCA fitted on the training rows, sufficient statistics of the ridge."""
+
+    def __init__(self, emb_tr: np.ndarray, emb_te: np.ndarray, targets: dict[str, np.ndarray], n_components: int) -> None:
+        self.params = _fit_projection(emb_tr, n_components)
+        z_tr = _project(self.params, emb_tr)
+        self.z_te = _project(self.params, emb_te)
+        self.norms = (z_tr * z_tr).sum(0)
+        self.means = {k: y.mean(0) for k, y in targets.items()}
+        self.zty = {k: z_tr.T @ (y - y.mean(0)) for k, y in targets.items()}
+
+    def predict(self, head: str, alpha: float) -> np.ndarray:
+        w = self.zty[head] / (self.norms + alpha)[:, None]
+        return self.z_te @ w + self.means[head]
+
+
+def _fit_projection(emb: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
+    from sklearn.decomposition import PCA
+
+    mean = emb.mean(0)
+    scale = emb.std(0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    z = (emb - mean) / scale
+    n = int(min(n_components, emb.shape[0] - 1, emb.shape[1]))
+    pca = PCA(n_components=max(n, 1), random_state=0).fit(z)
+    return {"scaler_mean": mean, "scaler_scale": scale, "pca_mean": pca.mean_, "components": pca.components_}
+
+
+def _project(params: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:
+    return ((emb - params["scaler_mean"]) / params["scaler_scale"] - params["pca_mean"]) @ params["components"].T
+
+
+def _pearson_cols(p: np.ndarray, t: np.ndarray) -> float:
+    p = p - p.mean(0)
+    t = t - t.mean(0)
+    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    ok = den > 1e-12
+    return float(((p * t).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+def _compose(y: np.ndarray, log_lib: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, log library) from a head on the log1p scale (and a library head, for the composition target)."""
+    counts = np.expm1(np.clip(y, 0, None))
+    total = counts.sum(1, keepdims=True)
+    scale = np.divide(counts, total, out=np.full_like(counts, 1.0 / counts.shape[1]), where=total > 0)
+    if log_lib is None:
+        log_lib = np.log(np.maximum(total.ravel(), 1e-12))
+    return scale.astype(np.float32), np.asarray(log_lib, dtype=np.float64).ravel()
+
+
+@register_expression_method(
+    "ridge",
+    needs=("embedding", "counts"),
+    supports=("smoothing",),
+    after="HEST-Benchmark probe",
+    likelihood="ridge on log1p counts per 10k (composition) + ridge on log library size",
+    summary="StandardScaler + PCA-256 + ridge, penalty chosen by leave-one-section-out over the training sections",
+)
+class RidgeProbe(ExpressionModelBase):
+    """Linear probe from an H&E embedding to expression, after HEST-Benchmark, with the penalty chosen honestly.
+
+    Fitted on training spots only: standardisation, PCA to ``n_components`` (256), then ridge heads. With the
+    default ``target='composition'`` one head predicts ``log1p`` counts per 10k over the panel and another the log
+    library size, so composition and depth are predicted separately (:meth:`predict` multiplies them); with
+    ``target='log1p'`` a single head predicts ``log1p`` raw counts, exactly HEST's probe.
+
+    The penalty of each head is chosen by leave-one-section-out over the training sections (the PCA is refitted in
+    every fold): the composition head on the composition Pearson, the library head on the Pearson of the log
+    library size, the ``log1p`` head on the raw Pearson. The out-of-fold predictions then choose the neighbour
+    smoothing. ``alpha='hest'`` uses HEST's fixed ``100 / (n_components · n_genes)``; a number fixes it.
+
+    Nothing is trained by gradient descent; the fitted projection and heads are buffers of a
+    :class:`~stfm.module.RidgeModule`, saved and loaded like every stfm model.
 
     Parameters
     ----------
     adata
-        Training spots × genes with raw counts in ``X`` (or ``layer``) and the embedding in ``obsm``.
-    embedding_key
-        obsm key of the embedding.
-    layer
-        Layer with raw counts (``None``: ``X``).
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Registry of a saved model (used by :meth:`load`).
     n_components
-        PCA dimensions (capped at the number of training spots and embedding dimensions).
+        PCA dimensions (capped at the number of training spots − 1 and the embedding width).
     alpha
-        Ridge penalty; ``None`` uses HEST's ``100 / (n_components · n_genes)``.
+        ``None``: chosen by leave-one-section-out from ``alphas``; ``'hest'``: HEST's fixed penalty; a number: fixed.
+    alphas
+        Candidate penalties (default ``logspace(-2, 6, 17)``).
+    target
+        ``'composition'`` (composition and depth heads) or ``'log1p'`` (HEST's single head on log1p counts).
     """
+
+    _module_cls = RidgeModule
+    _resizable_buffers = ("scaler_mean", "scaler_scale", "pca_mean", "components", "coef", "offset", "lib_coef", "lib_offset")
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
         *,
-        embedding_key: str,
-        layer: str | None = None,
         n_components: int = 256,
-        alpha: float | None = None,
+        alpha: float | Literal["hest"] | None = None,
+        alphas: Sequence[float] | None = None,
+        target: Literal["composition", "log1p"] = "composition",
     ) -> None:
-        from ._checks import check_counts, check_embedding
-        from ._checks import recorded_encoder as _recorded_encoder
-
-        check_embedding(adata, embedding_key)
-        check_counts(adata, layer)
-        if alpha is not None:
+        super().__init__(adata, registry=registry)
+        assert_one_of(target, ("composition", "log1p"), name="target")
+        if alpha is not None and alpha != "hest":
             check_positive(alpha, name="alpha")
-        self.adata = adata
-        self.embedding_key_ = embedding_key
-        self.layer = layer
+        if alphas is not None and (len(alphas) == 0 or any(not np.isfinite(a) or a <= 0 for a in alphas)):
+            msg = f"Expected `alphas` to be a non-empty list of positive numbers, found {alphas!r}."
+            raise ValueError(msg)
         self.n_components = int(n_components)
         self.alpha = alpha
-        self.is_trained_ = False
-        #: encoder recorded in the training embedding's provenance (``None`` when not recorded)
-        self.encoder_: str | None = _recorded_encoder(adata, embedding_key)
-        self._genes = [str(g) for g in adata.var_names]
-        self.params_: dict[str, np.ndarray] = {}
+        self.alphas = tuple(float(a) for a in (alphas or DEFAULT_ALPHAS))
+        self.target = target
+        n_input = int(self.summary_stats[f"n_{EXPR_KEYS.EMBEDDING_KEY}"])
+        self.module = self._module_cls(n_input, int(self.summary_stats.n_vars), self.n_components, target=target)
+        self.alpha_: dict[str, float] = {}
+        self.alpha_scores_: dict[str, dict[str, float]] = {}
+        self.n_components_: int | None = None
+        self._model_summary_string = f"RidgeProbe ({target}) on `obsm[{self.embedding_key_!r}]`, {self.summary_stats.n_vars} genes"
+        self.init_params_ = self._get_init_params(locals())
 
-    @property
-    def genes(self) -> list[str]:
-        """The gene panel, in output order."""
-        return list(self._genes)
+    def _targets(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        counts = np.asarray(counts, dtype=np.float64)
+        if self.target == "log1p":
+            return {"log1p": np.log1p(counts)}
+        lib = counts.sum(1, keepdims=True)
+        comp = np.log1p(np.divide(counts * 1e4, lib, out=np.zeros_like(counts), where=lib > 0))
+        return {"composition": comp, "library": np.log(np.maximum(lib, 1.0))}
 
-    def train(self) -> RidgeProbe:
-        """Fit scaler, PCA and ridge on the training AnnData; returns ``self``."""
-        from sklearn.decomposition import PCA
-        from sklearn.linear_model import Ridge
-        from sklearn.preprocessing import StandardScaler
+    def train(
+        self,
+        *,
+        smoothing: int | Sequence[int] | None = (0, 4, 8),
+        selection_metric: Literal["mean", "raw", "composition"] = "mean",
+        **kwargs: Any,
+    ) -> RidgeProbe:
+        """Fit the probe; choose each head's penalty and the smoothing by leave-one-section-out.
 
-        from ._checks import check_embedding
+        Parameters
+        ----------
+        smoothing
+            Candidate neighbour counts for smoothing (chosen on the out-of-fold predictions), or a fixed int.
+        selection_metric
+            Validation metric for the smoothing (see :func:`~stfm.model.validation_scores`).
+        **kwargs
+            Ignored training arguments of gradient-trained methods (``max_epochs``, ``validation_sections``, …)
+            are refused with a clear error.
+        """
+        if kwargs:
+            msg = (
+                f"RidgeProbe is fitted in closed form; it does not take {sorted(kwargs)}. Its settings are "
+                "`n_components`, `alpha`, `alphas` and `target` (constructor) and `smoothing` (train)."
+            )
+            raise TypeError(msg)
+        self.selection_metric_ = assert_one_of(selection_metric, ("mean", "raw", "composition"), name="selection_metric")
+        t0 = time.perf_counter()
+        arrays = self._training_arrays()
+        emb = arrays["embedding"].astype(np.float64)
+        counts = arrays["counts"]
+        groups = arrays["groups"]
+        targets = self._targets(counts)
+        sections = list(dict.fromkeys(groups))
+        heads = list(targets)
+        n_comp = int(min(self.n_components, emb.shape[0] - 1, emb.shape[1]))
+        fixed = None
+        if self.alpha == "hest":
+            fixed = _hest_alpha(n_comp, counts.shape[1])
+        elif self.alpha is not None:
+            fixed = float(self.alpha)
+        oof = None
+        if len(sections) < 2:
+            if fixed is None:
+                warnings.warn(
+                    "RidgeProbe: one training section, so the penalty cannot be chosen by leave-one-section-out; using "
+                    "HEST's fixed alpha and no smoothing. Register more sections to choose them on held-out data.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                fixed = _hest_alpha(n_comp, counts.shape[1])
+            self.alpha_ = dict.fromkeys(heads, fixed)
+            self.validation_sections_ = []
+        else:
+            folds = []
+            for s in sections:
+                te = groups == s
+                folds.append((te, _Fold(emb[~te], emb[te], {h: y[~te] for h, y in targets.items()}, n_comp)))
+            cands = (fixed,) if fixed is not None else self.alphas
+            self.alpha_scores_ = {}
+            for h in heads:
+                scores = {}
+                for a in cands:
+                    per = []
+                    for te, fold in folds:
+                        pred, true = fold.predict(h, a), targets[h][te]
+                        per.append(_pearson_cols(pred, true))
+                    scores[f"{a:.4g}"] = float(np.nanmean(per))
+                self.alpha_scores_[h] = scores
+                best = max(scores, key=lambda k: scores[k])
+                self.alpha_[h] = float(cands[[f"{a:.4g}" for a in cands].index(best)])
+            # out-of-fold predictions at the chosen penalties (every section predicted by a model not trained on it)
+            scale = np.zeros(counts.shape, np.float32)
+            logl = np.zeros(counts.shape[0])
+            for te, fold in folds:
+                if self.target == "log1p":
+                    scale[te], logl[te] = _compose(fold.predict("log1p", self.alpha_["log1p"]), None)
+                else:
+                    scale[te], logl[te] = _compose(fold.predict("composition", self.alpha_["composition"]),
+                                                   fold.predict("library", self.alpha_["library"]))  # fmt: skip
+            oof = {"scale": scale, "log_library": logl, "aux": {}}
+            self.validation_sections_ = sections
+            oof_mean = scale * np.exp(logl)[:, None]
+            self.validation_history_ = None
+            self.oof_scores_ = validation_scores(oof_mean, counts, groups)
+        # final fit on every training section
+        params = _fit_projection(emb, n_comp)
+        z = _project(params, emb)
+        norms = (z * z).sum(0)
 
-        emb = check_embedding(self.adata, self.embedding_key_).astype(np.float64)
-        x = self.adata.X if self.layer is None else self.adata.layers[self.layer]
-        y = np.log1p(np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64))
-        scaler = StandardScaler().fit(emb)
-        n_comp = min(self.n_components, emb.shape[0], emb.shape[1])
-        pca = PCA(n_components=n_comp, random_state=0).fit(scaler.transform(emb))
-        z = pca.transform(scaler.transform(emb))
-        alpha = self.alpha if self.alpha is not None else 100.0 / (n_comp * y.shape[1])
-        reg = Ridge(alpha=alpha, solver="lsqr", fit_intercept=False, random_state=0, max_iter=1000).fit(z, y)
-        self.params_ = {
-            "scaler_mean": scaler.mean_,
-            "scaler_scale": scaler.scale_,
-            "pca_mean": pca.mean_,
-            "pca_components": pca.components_,
-            "coef": reg.coef_,
-            "offset": y.mean(0),
-        }
-        self.alpha_ = float(alpha)
-        self.n_components_ = int(n_comp)
+        def head(name: str) -> tuple[np.ndarray, np.ndarray]:
+            y = targets[name]
+            w = (z.T @ (y - y.mean(0))) / (norms + self.alpha_[name])[:, None]
+            return w.T, y.mean(0)
+
+        main = "log1p" if self.target == "log1p" else "composition"
+        coef, offset = head(main)
+        lib_coef, lib_offset = head("library") if self.target == "composition" else (np.zeros((1, z.shape[1])), np.zeros(1))
+        self.module.set_params(**params, coef=coef, offset=offset, lib_coef=lib_coef.reshape(1, -1), lib_offset=np.reshape(lib_offset, 1))
+        self.n_components_ = int(z.shape[1])
         self.is_trained_ = True
+        self.module.eval()
+        self._choose_smoothing(arrays if oof is not None else None, smoothing, parts=oof)
+        self.fit_time_s_ = time.perf_counter() - t0
         return self
 
-    def _check_trained(self) -> None:
-        if not self.is_trained_:
-            msg = "This RidgeProbe is not trained yet; call `.train()` (or use `stfm.tl.fit_expression(..., method='ridge')`)."
-            raise RuntimeError(msg)
-
-    def predict_log1p(self, adata: AnnData | None = None, *, use_rep: str | None = None) -> np.ndarray:
-        """Predicted ``log1p`` counts, float64 ``(n_obs, n_genes)`` (unclipped; what HEST correlates)."""
-        from ._checks import check_embedding
-        from ._checks import recorded_encoder as _recorded_encoder
-
-        self._check_trained()
-        adata = self.adata if adata is None else adata
-        p = self.params_
-        key = use_rep or self.embedding_key_
-        emb = check_embedding(adata, key, n_dims=len(p["scaler_mean"])).astype(np.float64)
-        enc = _recorded_encoder(adata, key)
-        if enc is not None and self.encoder_ is not None and enc != self.encoder_:
-            msg = (
-                f"The query embedding `obsm[{key!r}]` was made with encoder {enc!r}, but the probe was trained on "
-                f"{self.encoder_!r} embeddings. Run `stfm.pp.extract_features(adata, {self.encoder_!r})` on the query first."
-            )
-            raise ValueError(msg)
-        z = ((emb - p["scaler_mean"]) / p["scaler_scale"] - p["pca_mean"]) @ p["pca_components"].T
-        return z @ p["coef"].T + p["offset"]
-
-    def predict(
-        self,
-        adata: AnnData | None = None,
-        *,
-        library_size: float | Literal["observed", "predicted"] = 1e4,
-        use_rep: str | None = None,
-        **kwargs: Any,
-    ) -> np.ndarray:
-        """Predicted expression, float32 ``(n_obs, n_genes)``.
-
-        ``expm1`` of the predicted ``log1p`` counts, clipped at 0 (``library_size='predicted'``), or those counts
-        rescaled so each spot sums to ``library_size`` over the panel (a number), or to the query's observed
-        panel counts (``'observed'``).
-        """
-        counts = np.expm1(np.clip(self.predict_log1p(adata, use_rep=use_rep), 0, None))
-        if isinstance(library_size, str) and library_size == "predicted":
-            return counts.astype(np.float32)
-        if isinstance(library_size, str) and library_size == "observed":
-            src = self.adata if adata is None else adata
-            if not pd.Index(self._genes).isin(src.var_names).all():
-                msg = (
-                    "`library_size='observed'` needs raw counts of the model's genes in the query; this table lacks "
-                    "some of them. Pass a number (e.g. 1e4) or 'predicted'."
-                )
-                raise ValueError(msg)
-            x = (
-                src[:, self._genes].X
-                if self.layer is None or self.layer not in src.layers
-                else src[:, self._genes].layers[self.layer]
-            )
-            target = np.asarray(x.sum(axis=1)).ravel()
-        else:
-            target = check_positive(library_size, name="library_size")
-        total = counts.sum(1)
-        scale = np.divide(target, total, out=np.zeros_like(total), where=total > 0)
-        return (counts * np.reshape(scale, (-1, 1))).astype(np.float32)
-
-    # -- persistence ------------------------------------------------------------------------------
-    def save(self, dir_path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-        """Write the fitted probe to ``dir_path/ridge_probe.npz`` (numpy arrays only; loaded without pickle)."""
-        self._check_trained()
-        dir_path = Path(dir_path)
-        if dir_path.exists() and any(dir_path.iterdir()) and not overwrite:
-            msg = f"{dir_path} already exists and is not empty; pass `overwrite=True` to replace it."
-            raise ValueError(msg)
-        meta = {
-            "embedding_key": self.embedding_key_,
-            "layer": self.layer,
-            "n_components": self.n_components,
-            "alpha": self.alpha,
-            "alpha_": self.alpha_,
-            "n_components_": self.n_components_,
-            "encoder": self.encoder_,
-        }
-        dir_path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dir_path) as tmp:
-            tmp_file = Path(tmp) / _FILE
-            np.savez(
-                tmp_file,
-                genes=np.asarray(self._genes, dtype=str),
-                meta=np.asarray(json.dumps(meta)),
-                **self.params_,
-            )
-            shutil.move(str(tmp_file), dir_path / _FILE)
-
-    @classmethod
-    def load(cls, dir_path: str | os.PathLike[str], adata: AnnData | None = None) -> RidgeProbe:
-        """Load a probe saved with :meth:`save`; ``adata`` (optional) must hold the same genes."""
-        path = Path(dir_path) / _FILE
-        if not path.is_file():
-            msg = f"No RidgeProbe found at {path}; expected a folder written by `RidgeProbe.save`."
-            raise FileNotFoundError(msg)
-        with np.load(path, allow_pickle=False) as f:
-            genes = [str(g) for g in f["genes"]]
-            meta = json.loads(str(f["meta"]))
-            params = {k: f[k] for k in f.files if k not in {"genes", "meta"}}
-        if adata is not None and list(map(str, adata.var_names)) != genes:
-            msg = (
-                f"`adata.var_names` ({adata.n_vars} genes) differ from the {len(genes)} genes the probe was trained on; "
-                "subset with `adata[:, stfm.get.model_genes(model)]`."
-            )
-            raise ValueError(msg)
-        obj = cls.__new__(cls)
-        obj.adata = adata
-        obj.embedding_key_ = meta["embedding_key"]
-        obj.layer = meta["layer"]
-        obj.n_components = meta["n_components"]
-        obj.alpha = meta["alpha"]
-        obj.alpha_ = meta["alpha_"]
-        obj.n_components_ = meta["n_components_"]
-        obj.encoder_ = meta.get("encoder")
-        obj._genes = genes
-        obj.params_ = params
-        obj.is_trained_ = True
-        return obj
-
     def __repr__(self) -> str:
-        state = f"trained, alpha={self.alpha_:.3g}, {self.n_components_} PCs" if self.is_trained_ else "not trained"
-        return f"RidgeProbe(`obsm[{self.embedding_key_!r}]` → {len(self._genes)} genes, log1p; {state})"
+        base = super().__repr__()
+        if self.alpha_:
+            base += "; alpha " + ", ".join(f"{k} {v:.3g}" for k, v in self.alpha_.items())
+        return base

@@ -1,11 +1,19 @@
-"""Torch modules (scvi-tools ``BaseModuleClass`` subclasses); no AnnData inside."""
+"""Torch modules (scvi-tools ``BaseModuleClass`` subclasses) and their shared components; no AnnData inside."""
 
 from .._lazy import attach
 
 __getattr__, __dir__, __all__ = attach(
     __name__,
     {
-        "ExpressionModule": "_expression",
+        "ExpressionModuleBase": "_base",
+        "ExpressionModule": "_zinb",
+        "RidgeModule": "_ridge",
+        "RetrievalModule": "_retrieval",
         "CancerModule": "_cancer",
+        "MLP": "_components",
+        "ZINBHead": "_components",
+        "Standardize": "_components",
+        "CrossAttentionBlock": "_components",
+        "info_nce": "_components",
     },
 )

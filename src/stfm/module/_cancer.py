@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
+
+from ._components import MLP, Standardize, info_nce, init_log_temperature
 
 __all__ = ["TENSOR_KEYS", "CancerModule"]
 
@@ -32,13 +33,12 @@ class _ModalityEncoder(nn.Module):
 
     def __init__(self, n_input: int, d_model: int, dropout: float) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(n_input))
-        self.register_buffer("std", torch.ones(n_input))
+        self.standardize = Standardize(n_input)
         self.drop = nn.Dropout(dropout)
         self.proj = nn.Linear(n_input, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.drop((x - self.mean) / self.std))
+        return self.proj(self.drop(self.standardize(x)))
 
 
 class _FusionNet(nn.Module):
@@ -59,13 +59,13 @@ class _FusionNet(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, 1))
+        self.head = MLP(d_model, d_model, 1, n_output=1, dropout=dropout, layer_norm=False)
         if n_image > 0 and n_expression > 0:
             self.image_contrast = nn.Linear(d_model, d_model)
             self.expr_contrast = nn.Linear(d_model, d_model)
         else:
             self.image_contrast = self.expr_contrast = None
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(0.07)), requires_grad=bool(learn_temperature))
+        self.log_temperature = init_log_temperature(0.07, learn=learn_temperature)
 
     def _side(self, enc, x, ctx, ctx_mask, has, n_batch, device):
         d_model = self.cls.shape[-1]
@@ -111,11 +111,7 @@ class _FusionNet(nn.Module):
         return {"logit": logit, "image_own": img_own, "expression_own": exp_own, "both": both}
 
     def info_nce(self, img: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
-        zi = F.normalize(self.image_contrast(img), dim=-1)
-        ze = F.normalize(self.expr_contrast(exp), dim=-1)
-        logits = zi @ ze.T / self.log_temperature.exp().clamp(min=1e-3)
-        target = torch.arange(zi.shape[0], device=zi.device)
-        return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
+        return info_nce(self.image_contrast(img), self.expr_contrast(exp), self.log_temperature)
 
 
 class CancerModule(BaseModuleClass):
@@ -123,7 +119,7 @@ class CancerModule(BaseModuleClass):
 
     Tokens of one spot: a learned ``[CLS]`` token; the spot's own image and expression embeddings; the
     pooled context tokens of each modality (one per scale ring × angular sector, see
-    :func:`stfm.tl._context.pool_context`). Each token gets a learned position embedding saying which slot
+    :func:`stfm.graph.pool_context`). Each token gets a learned position embedding saying which slot
     it is (modality, self/ring, sector). A small transformer encoder attends over the tokens with a padding
     mask: a modality the spot lacks, or a context bin without neighbours, is masked out, never zero-filled.
     The ``[CLS]`` output feeds the classifier.
@@ -197,7 +193,7 @@ class CancerModule(BaseModuleClass):
         self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
         self.members = nn.ModuleList(
             _FusionNet(n_image, n_expression, n_context, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
-                       dropout=dropout, learn_temperature=learn_temperature)  # fmt: skip
+                       dropout=dropout, learn_temperature=learn_temperature)
             for _ in range(int(n_members))
         )
 
@@ -211,9 +207,7 @@ class CancerModule(BaseModuleClass):
         for member in self.members:
             for enc, stats in ((member.image_encoder, image), (member.expr_encoder, expression)):
                 if enc is not None and stats is not None:
-                    mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in stats)
-                    enc.mean.copy_(mean)
-                    enc.std.copy_(torch.clamp(std, min=1e-6))
+                    enc.standardize.set(*stats)
 
     # -- scvi-tools module interface -----------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
@@ -244,7 +238,7 @@ class CancerModule(BaseModuleClass):
         has_expression = ones if has_expression is None else has_expression
         outs = [
             m(image, image_ctx, image_ctx_mask, has_image, expression, expression_ctx, expression_ctx_mask,
-              has_expression, modality_dropout=self.modality_dropout)  # fmt: skip
+              has_expression, modality_dropout=self.modality_dropout)
             for m in self.members
         ]
         member_logits = torch.stack([o["logit"] for o in outs])

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._containers import get_library_id, get_table, is_spatialdata
+from .._validation import check_spatial
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -96,9 +97,7 @@ def cancer_regions(
     if missing:
         msg = f"`obs` lacks {missing}. Available obs columns: {sorted(map(str, adata.obs))}. Run `stfm.tl.detect_cancer_regions` first."
         raise KeyError(msg)
-    if spatial_key not in adata.obsm:
-        msg = f"`obsm[{spatial_key!r}]` not found: spot coordinates are needed to plot. Available: {sorted(adata.obsm)}."
-        raise KeyError(msg)
+    check_spatial(adata, spatial_key, purpose="plotting the cancer map")
     lib = get_library_id(adata, library_id)
     has_img = lib is not None and "hires" in adata.uns["spatial"][lib].get("images", {})
     if ax is None:
@@ -112,7 +111,7 @@ def cancer_regions(
     plot = adata
     colors_key = f"{key}_colors"
     if colors_key not in plot.uns:
-        from ..tl._cancer import REGION_COLORS
+        from .._constants import REGION_COLORS
 
         plot = adata.copy()
         plot.uns[colors_key] = list(REGION_COLORS)[: len(plot.obs[key].cat.categories)]

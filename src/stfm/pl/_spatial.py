@@ -10,6 +10,7 @@ import numpy as np
 from scipy import sparse
 
 from .._containers import get_table, is_spatialdata
+from .._validation import assert_key_in, check_spatial
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -157,12 +158,7 @@ def spatial_pred(
     if not genes:
         msg = "Expected at least one gene to plot."
         raise ValueError(msg)
-    if layer not in table.layers:
-        msg = (
-            f"`layers[{layer!r}]` not found (available: {sorted(table.layers.keys())}). Run "
-            "`stfm.tl.predict_expression(data, model)` first."
-        )
-        raise KeyError(msg)
+    assert_key_in(layer, table.layers, where="layers", hint="Run `stfm.tl.predict_expression(data, model)` first.")
     unknown = [g for g in genes if g not in table.var_names]
     if unknown:
         avail = list(map(str, table.var_names[:20]))
@@ -172,9 +168,8 @@ def spatial_pred(
             + ". See `stfm.get.model_genes(model)`."
         )
         raise KeyError(msg)
-    if measured_layer is not None and measured_layer not in table.layers:
-        msg = f"`layers[{measured_layer!r}]` not found. Available layers: {sorted(table.layers.keys())}."
-        raise KeyError(msg)
+    if measured_layer is not None:
+        assert_key_in(measured_layer, table.layers, where="layers")
     if compare and not _has_measured(table, layer, measured_layer):
         warnings.warn(
             "This table has no measured expression (it was rebuilt from an H&E-only table); showing predictions only.",
@@ -240,9 +235,7 @@ def _draw_anndata(
     import squidpy as sq
     from anndata import AnnData
 
-    if spatial_key not in table.obsm:
-        msg = f"`obsm[{spatial_key!r}]` not found (available: {sorted(table.obsm.keys())}); spots need coordinates to be drawn."
-        raise KeyError(msg)
+    check_spatial(table, spatial_key, purpose="drawing the spots")
     names = [f"panel_{i}" for i in range(len(panels))]
     tmp = AnnData(X=np.column_stack([v for _, v, _ in panels]).astype(np.float32), obs=table.obs[[]].copy())
     tmp.var_names = names
@@ -287,9 +280,7 @@ def _draw_spatialdata(
             msg = f"Table {table_key!r} annotates no region; pass `shapes_key=` (one of {list(sdata.shapes)})."
             raise ValueError(msg)
         shapes_key = region[0]
-    if shapes_key not in sdata.shapes:
-        msg = f"`sdata.shapes[{shapes_key!r}]` not found. Available shapes: {list(sdata.shapes)}."
-        raise KeyError(msg)
+    assert_key_in(shapes_key, sdata.shapes, where="sdata.shapes")
     if img and image_key is None and len(sdata.images):
         image_key = next(iter(sdata.images))
     names = [t for t, _, _ in panels]

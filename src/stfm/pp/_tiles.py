@@ -11,7 +11,8 @@ import pandas as pd
 from .._containers import is_spatialdata, prepare_output
 from .._logging import logger
 from .._provenance import record
-from .._validation import check_positive, check_unique_name, check_valid_key
+from .._validation import assert_key_in, check_positive, check_unique_name, check_valid_key
+from ._inputs import image_source
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -121,7 +122,7 @@ def make_tiles(
         sdata = data
         image_key = _pick_image(sdata, image_key)
         element = sdata.images[image_key]
-        source = _source_of_element(element, image_key)
+        source = image_source(element, image_key)
         slide_mpp = (
             _slide_mpp_of(sdata, image_key, element)
             if slide_mpp is None
@@ -241,9 +242,7 @@ def make_tiles(
 def _pick_image(sdata: SpatialData, image_key: str | None) -> str:
     images = list(sdata.images.keys())
     if image_key is not None:
-        if image_key not in sdata.images:
-            msg = f"`sdata.images[{image_key!r}]` not found. Available images: {images}."
-            raise KeyError(msg)
+        assert_key_in(image_key, sdata.images, where="sdata.images")
         return image_key
     full = [k for k in images if k.endswith("_full_image")]
     if len(images) == 1:
@@ -256,17 +255,6 @@ def _pick_image(sdata: SpatialData, image_key: str | None) -> str:
         else "The SpatialData object has no image element; add the H&E with `spatialdata.models.Image2DModel`."
     )
     raise ValueError(msg)
-
-
-def _source_of_element(element: Any, name: str) -> Any:
-    from ..data import LazyArraySource
-
-    if type(element).__name__ == "DataArray":
-        levels = [element]
-    else:
-        names = sorted(element.keys(), key=lambda k: int("".join(c for c in str(k) if c.isdigit()) or 0))
-        levels = [element[k]["image"] if "image" in element[k] else next(iter(element[k].values())) for k in names]
-    return LazyArraySource([lvl.transpose("c", "y", "x") for lvl in levels], axes="cyx", description=name)
 
 
 def _slide_mpp_of(sdata: SpatialData, image_key: str, element: Any) -> float:

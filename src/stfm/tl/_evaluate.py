@@ -13,11 +13,36 @@ from scipy import sparse
 
 from .._containers import get_table
 from .._logging import logger
+from .._validation import assert_key_in
 from ._expression import check_sections
 
-__all__ = ["cross_validate", "evaluate_expression", "pearson_per_gene"]
+__all__ = ["cross_validate", "evaluate_expression", "panel_view", "pearson_per_gene"]
 
 POOLED_COLUMN = "pearson_pooled_across_sections"
+#: metric columns of :func:`cross_validate` repeated with the suffix ``_composition`` (counts per 10k on both sides)
+COMPOSITION_COLUMNS = ("pearson_all", "pearson_top_variable", "pearson_top_expressed", "mse", "mae")
+
+
+def panel_view(section: AnnData, genes: Sequence[str], embedding_key: str) -> tuple[AnnData, list[str]]:
+    """A copy of ``section`` with exactly ``genes`` as columns (genes it lacks were not detected: zero counts),
+    its embedding and coordinates; returns the copy and the genes that were missing."""
+    missing = [g for g in genes if g not in section.var_names]
+    test = section
+    if missing:
+        import anndata as ad
+
+        pad = AnnData(X=sparse.csr_matrix((section.n_obs, len(missing)), dtype=np.float32), obs=section.obs[[]])
+        pad.var_names = missing
+        test = ad.concat([section, pad], axis=1, merge="first")
+        test.obs = section.obs.copy()
+    test = test[:, list(genes)].copy()
+    test.obsm[embedding_key] = np.asarray(section.obsm[embedding_key])
+    if "spatial" in section.obsm:
+        test.obsm["spatial"] = np.asarray(section.obsm["spatial"])
+    for k in ("stfm",):
+        if k in section.uns:
+            test.uns[k] = section.uns[k]
+    return test, missing
 
 
 def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -94,15 +119,9 @@ def evaluate_expression(
     averaged over genes; the same value in every row, and not comparable with per-section numbers).
     """
     adata = get_table(data, table_key)
-    if layer not in adata.layers:
-        msg = (
-            f"`adata.layers[{layer!r}]` not found (available: {sorted(adata.layers.keys())}). Run "
-            "`stfm.tl.predict_expression(adata, model)` first."
-        )
-        raise KeyError(msg)
-    if measured_layer is not None and measured_layer not in adata.layers:
-        msg = f"`adata.layers[{measured_layer!r}]` not found. Available layers: {sorted(adata.layers.keys())}."
-        raise KeyError(msg)
+    assert_key_in(layer, adata.layers, where="adata.layers", hint="Run `stfm.tl.predict_expression(adata, model)` first.")
+    if measured_layer is not None:
+        assert_key_in(measured_layer, adata.layers, where="adata.layers")
     if model is not None:
         sets = getattr(model, "gene_sets_", {}) or getattr(getattr(model, "members", [None])[0], "gene_sets_", {})
         top_variable = top_variable if top_variable is not None else sets.get("top_variable")
@@ -190,7 +209,7 @@ def _split_sections(adatas: AnnData | Sequence[AnnData], section_key: str) -> di
 def cross_validate(
     adatas: AnnData | Sequence[AnnData],
     *,
-    method: Literal["zinb", "ridge"] = "zinb",
+    method: str = "zinb",
     split: Literal["patient", "section"] = "patient",
     embedding_key: str,
     section_key: str = "section",
@@ -199,15 +218,15 @@ def cross_validate(
     folds: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None,
     n_top_genes: int = 50,
     library_size: float | Literal["predicted"] = "predicted",
-    normalize: bool = False,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
-    """Run the evaluation protocol of DESIGN.md §6: train on some sections, test on held-out ones, per section.
+    """Leakage-free evaluation: train on some patients' sections, test on held-out ones, one row per test section.
 
     For each fold the gene panel (``n_top_genes`` most variable genes) and every scaling are fitted on the
-    training sections only; ZINB epochs are chosen on a whole validation section drawn from the training
-    patients (see :meth:`~stfm.model.ExpressionPredictor.train`); each test section is predicted once and scored
-    with :func:`evaluate_expression` using the top-50 variable/expressed genes chosen on training data.
+    training sections only; epochs and method settings are chosen on whole validation sections drawn from the
+    training patients (see :meth:`~stfm.model.ExpressionModelBase.train`); each test section is predicted once,
+    from its H&E embedding alone, and scored with :func:`evaluate_expression` twice: on log1p counts (``raw``,
+    rewards predicting depth) and on log1p counts per 10k over the panel (columns ending in ``_composition``).
 
     Parameters
     ----------
@@ -215,7 +234,7 @@ def cross_validate(
         Per-section AnnData objects, or one AnnData with several sections; raw counts in ``X`` and the embedding
         in ``obsm[embedding_key]``.
     method
-        ``'zinb'`` or ``'ridge'`` (see :func:`fit_expression`).
+        A registered method key (:func:`stfm.model.list_methods`).
     split
         ``'patient'`` (default): each patient is held out in turn and training uses only other patients.
         ``'section'``: leave-one-section-out, which puts the test patient's other sections in training; rows
@@ -233,16 +252,15 @@ def cross_validate(
         Panel size, chosen on each fold's training sections.
     library_size
         Passed to :func:`predict_expression`; ``'predicted'`` (default) uses no measurement of the test section.
-    normalize
-        Passed to :func:`evaluate_expression`.
     **fit_kwargs
         Passed to :func:`fit_expression` (e.g. ``max_epochs``, ``neighbor_pooling``, ``n_models``, ``seed``).
 
     Returns
     -------
     :class:`~pandas.DataFrame` with one row per test section: ``fold``, ``method``, ``split``, ``leaky``,
-    ``train_sections``, ``validation_sections``, ``test_section``, the metrics of :func:`evaluate_expression`
-    and ``fit_time_s``. ``df.attrs['protocol']`` describes the protocol.
+    ``train_sections``, ``train_patients``, ``validation_sections``, ``test_section``, ``test_patient``, the metrics
+    of :func:`evaluate_expression` (raw), the same with the suffix ``_composition``, ``smoothing_neighbors``,
+    ``fit_time_s`` and ``predict_time_s``. ``df.attrs['protocol']`` describes the protocol.
     """
     from ._expression import fit_expression, predict_expression
 
@@ -333,44 +351,40 @@ def cross_validate(
         val = sorted({v for m in members for v in getattr(m, "validation_sections_", [])})
         leaky = any(patient_of[s] in {patient_of[t] for t in te} for s in tr)
         for t in te:
-            test = sections[t]
-            missing = [g for g in model.genes if g not in test.var_names]
-            if missing:
-                # a gene absent from a section's matrix was not detected there: its measured counts are zero
-                pad = AnnData(X=sparse.csr_matrix((test.n_obs, len(missing)), dtype=np.float32), obs=test.obs[[]])
-                pad.var_names = missing
-                import anndata as ad
-
-                test = ad.concat([test, pad], axis=1, merge="first")
-                test.obs = sections[t].obs.copy()
-            test = test[:, model.genes].copy()
-            test.obsm[embedding_key] = np.asarray(sections[t].obsm[embedding_key])
-            if "spatial" in sections[t].obsm:
-                test.obsm["spatial"] = np.asarray(sections[t].obsm["spatial"])
+            test, missing = panel_view(sections[t], model.genes, embedding_key)
+            t1 = time.perf_counter()
             predict_expression(test, model, library_size=library_size)
-            metrics = evaluate_expression(test, model=model, section_key=section_key, normalize=normalize)
+            predict_time = time.perf_counter() - t1
+            raw = evaluate_expression(test, model=model, section_key=section_key).iloc[0]
+            comp = evaluate_expression(test, model=model, section_key=section_key, normalize=True).iloc[0]
             row = {
                 "fold": k,
-                "method": method,
+                "method": model.method,
                 "split": split,
                 "leaky": leaky,
                 "train_sections": ",".join(tr),
-                "validation_sections": ",".join(val) if val else ("none" if method == "zinb" else "n/a"),
+                "train_patients": ",".join(sorted({patient_of[s] for s in tr})),
+                "validation_sections": ",".join(val) if val else "none",
                 "test_section": t,
-                **metrics.iloc[0].to_dict(),
+                "test_patient": patient_of[t],
+                **raw.drop(POOLED_COLUMN, errors="ignore").to_dict(),
+                **{f"{c}_composition": comp[c] for c in COMPOSITION_COLUMNS},
                 "n_genes_missing_in_test": len(missing),
+                "smoothing_neighbors": int(getattr(members[0], "smoothing_", 0)),
                 "fit_time_s": fit_time,
+                "predict_time_s": predict_time,
             }
             rows.append(row)
-            logger.info("cross_validate fold %d: %s → %s pearson_all=%.3f", k, tr, t, row["pearson_all"])
+            logger.info("cross_validate fold %d: %s → %s pearson_all=%.3f (composition %.3f)", k, tr, t,
+                        row["pearson_all"], row["pearson_all_composition"])  # fmt: skip
     df = pd.DataFrame(rows)
-    df = df.drop(columns=[POOLED_COLUMN], errors="ignore")
     df.attrs["protocol"] = {
         "split": split,
         "leaky": split == "section",
-        "gene_panel": f"{n_top_genes} most variable genes (log1p CP10k variance) chosen on each fold's training sections",
-        "validation": "one whole training section (ZINB early stopping); none when a single section trains",
-        "test": "each test section predicted once; metrics per section on log1p scale",
+        "gene_panel": f"{n_top_genes} most variable genes (variance of log1p counts) chosen on each fold's training sections",
+        "validation": "whole training sections (epochs, method settings, smoothing); none when a single section trains",
+        "test": "each test section predicted once; metrics per section on the log1p scale",
+        "metrics": "raw: log1p(predicted) vs log1p(counts); composition: log1p counts per 10k over the panel, both sides",
         "library_size": library_size,
     }
     return df

@@ -1,13 +1,14 @@
-"""Expression from H&E: ``fit_expression`` (ZINB or ridge) and ``predict_expression`` (writes ``layers['predicted']``)."""
+"""Expression from H&E: ``fit_expression`` (any registered method) and ``predict_expression`` (``layers['predicted']``)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,13 +20,7 @@ from .._logging import logger
 from .._provenance import record
 from .._validation import check_copy_inplace, check_valid_key
 
-if TYPE_CHECKING:
-    from ..model._expression import ExpressionPredictor
-    from ..model._ridge import RidgeProbe
-
-__all__ = ["concat_sections", "fit_expression", "load_model", "predict_expression", "select_genes"]
-
-Method = Literal["zinb", "ridge"]
+__all__ = ["concat_sections", "fit_expression", "predict_expression", "select_genes"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,28 +116,52 @@ def select_genes(
 # --------------------------------------------------------------------------------------------------
 # fitting
 # --------------------------------------------------------------------------------------------------
+def _accepted(func: Any) -> set[str]:
+    params = inspect.signature(func).parameters
+    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in {"self", "cls", "adata", "registry"}}
+
+
+def _dispatch(cls: type, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Route method-specific keyword arguments to ``setup_anndata``, the constructor or ``train`` by signature."""
+    targets = {"setup": _accepted(cls.setup_anndata), "model": _accepted(cls.__init__), "train": _accepted(cls.train)}
+    out: dict[str, dict[str, Any]] = {"setup": {}, "model": {}, "train": {}}
+    unknown = []
+    for name, value in kwargs.items():
+        where = next((t for t in ("setup", "model", "train") if name in targets[t]), None)
+        if where is None:
+            unknown.append(name)
+        else:
+            out[where][name] = value
+    if unknown:
+        accepted = sorted((targets["setup"] | targets["model"] | targets["train"]) - {"embedding_key", "layer", "section_key", "patient_key", "spatial_key"})
+        msg = (
+            f"Method {cls.method_key!r} ({cls.__name__}) does not take {sorted(unknown)}. Its settings: {accepted} "
+            "(see `stfm.model.list_methods()` and the class docstring)."
+        )
+        raise TypeError(msg)
+    return out["setup"], out["model"], out["train"]
+
+
 def fit_expression(
     reference: AnnData | Sequence[AnnData],
     *,
-    method: Method = "zinb",
+    method: str = "zinb",
     embedding_key: str,
     genes: Sequence[str] | None = None,
     n_top_genes: int = 50,
     layer: str | None = None,
     section_key: str | None = "section",
     patient_key: str | None = "patient",
+    spatial_key: str = "spatial",
     validation_sections: Sequence[str] | None = None,
-    neighbor_pooling: int | Sequence[int] | None = None,
-    max_epochs: int = 300,
-    early_stopping_patience: int = 30,
     n_models: int = 1,
     seed: int = 0,
+    setup_kwargs: Mapping[str, Any] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
-    n_components: int = 256,
-    alpha: float | None = None,
-) -> ExpressionPredictor | RidgeProbe | ExpressionEnsemble:
-    """Train an expression predictor on sections that have both H&E embeddings and spatial transcriptomics.
+    **kwargs: Any,
+) -> Any:
+    """Train an expression model on sections that have both H&E embeddings and spatial transcriptomics.
 
     Parameters
     ----------
@@ -150,8 +169,7 @@ def fit_expression(
         One AnnData holding one or more sections (``obs[section_key]``) or a list of per-section AnnData
         (concatenated on shared genes, ``obsm`` kept). Raw counts in ``X`` (or ``layer``).
     method
-        ``'zinb'``: :class:`~stfm.model.ExpressionPredictor` (scvi-tools, ZINB on counts). ``'ridge'``:
-        :class:`~stfm.model.RidgeProbe` (HEST probe, PCA-256 + ridge on ``log1p`` counts).
+        A registered method key (:func:`stfm.model.list_methods`): ``'zinb'``, ``'ridge'``, ``'retrieval'``, …
     embedding_key
         obsm key of the embedding (e.g. ``'X_efficientnet_lite0'``).
     genes
@@ -163,21 +181,22 @@ def fit_expression(
         Layer with raw counts (``None``: ``X``).
     section_key, patient_key
         obs columns with section and patient labels.
+    spatial_key
+        obsm key of the spot centres (smoothing, neighbour pooling, positions).
     validation_sections
-        Whole sections held out for early stopping (``'zinb'``); ``None`` picks one (see
-        :meth:`~stfm.model.ExpressionPredictor.train`).
-    neighbor_pooling
-        ``k`` nearest spots (or several ``k``) whose mean embedding is appended to a spot's own (``'zinb'``).
-    max_epochs, early_stopping_patience
-        Training length and patience (``'zinb'``).
+        Whole sections held out to choose epochs and settings (gradient-trained methods); ``None`` picks one
+        (see :meth:`stfm.model.ExpressionModelBase.train`).
     n_models
-        ``'zinb'``: train this many models with seeds ``seed, seed+1, …`` and average their predictions.
+        Train this many models with seeds ``seed, seed+1, …`` and average their predictions
+        (:class:`~stfm.model.ExpressionEnsemble`).
     seed
         Random seed (scvi-tools ``settings.seed``), so a fit is reproducible.
-    model_kwargs, train_kwargs
-        Extra arguments for the model constructor and ``train``.
-    n_components, alpha
-        PCA size and ridge penalty (``'ridge'``; ``alpha=None`` is HEST's ``100 / (n_components · n_genes)``).
+    setup_kwargs, model_kwargs, train_kwargs
+        Extra arguments for the method's ``setup_anndata``, constructor and ``train``.
+    **kwargs
+        Method settings, routed by name to ``setup_anndata`` (e.g. ``neighbor_pooling``), the constructor (e.g.
+        ``n_hidden``, ``alpha``, ``k``) or ``train`` (e.g. ``max_epochs``, ``smoothing``, ``selection_metric``); a
+        name the method does not take raises a :class:`TypeError` listing the ones it does.
 
     Returns
     -------
@@ -185,15 +204,22 @@ def fit_expression(
     fewer, chosen among the panel on the reference) for :func:`evaluate_expression`; ``model.training_sections_``
     lists the sections used; ``model.fit_time_s_`` the training wall time.
     """
-    from ..model._checks import check_counts, check_embedding
-    from ..model._checks import recorded_encoder as _recorded_encoder
-    from ..model._ridge import RidgeProbe
+    from ..model._checks import check_counts, check_embedding, recorded_encoder
+    from ..model._registry import get_method
 
-    if method not in ("zinb", "ridge"):
-        msg = f"Expected `method` to be 'zinb' or 'ridge', found {method!r}."
+    spec = get_method(method)
+    cls = spec.cls
+    setup_kw, model_kw, train_kw = _dispatch(cls, kwargs)
+    setup_kw.update(setup_kwargs or {})
+    model_kw.update(model_kwargs or {})
+    train_kw.update(train_kwargs or {})
+    if validation_sections is not None:
+        train_kw["validation_sections"] = validation_sections
+    if int(n_models) < 1:
+        msg = f"Expected `n_models` >= 1, found {n_models!r}."
         raise ValueError(msg)
-    parts = [reference] if isinstance(reference, AnnData) else list(reference)
-    encoders = {_recorded_encoder(a, embedding_key) for a in parts if isinstance(a, AnnData)} - {None}
+    parts = [reference] if isinstance(reference, AnnData) else list(reference) if isinstance(reference, Sequence) else [reference]
+    encoders = {recorded_encoder(a, embedding_key) for a in parts if isinstance(a, AnnData)} - {None}
     if len(encoders) > 1:
         msg = (
             f"The reference sections' `obsm[{embedding_key!r}]` were made with different encoders {sorted(encoders)}; "
@@ -202,7 +228,8 @@ def fit_expression(
         raise ValueError(msg)
     ref = concat_sections(reference, section_key=section_key)
     check_embedding(ref, embedding_key)
-    check_counts(ref, layer) if method == "zinb" else None
+    if "counts" in spec.needs:
+        check_counts(ref, layer)
     if genes is None:
         panel = select_genes(ref, n_top_genes, layer=layer)
     else:
@@ -213,125 +240,37 @@ def fit_expression(
             raise KeyError(msg)
         panel = list(dict.fromkeys(genes))
     train = ref[:, panel].copy()
-    sections = sorted(train.obs[section_key].astype(str).unique()) if section_key else []
+    sections = sorted(train.obs[section_key].astype(str).unique()) if section_key and section_key in train.obs else []
     gene_sets = {
         "top_variable": select_genes(train, 50, flavor="variable", layer=layer, min_spot_fraction=0.0),
         "top_expressed": select_genes(train, 50, flavor="expressed", layer=layer, min_spot_fraction=0.0),
     }
+    import scvi
+
     t0 = time.perf_counter()
-    if method == "ridge":
-        model: Any = RidgeProbe(train, embedding_key=embedding_key, layer=layer, n_components=n_components, alpha=alpha)
-        model.train()
-    else:
-        import scvi
-
-        from ..model._expression import ExpressionPredictor
-
-        ExpressionPredictor.setup_anndata(
-            train,
-            embedding_key=embedding_key,
-            layer=layer,
-            section_key=section_key,
-            patient_key=patient_key,
-            neighbor_pooling=neighbor_pooling,
-        )
-        members = []
-        for i in range(max(1, int(n_models))):
-            scvi.settings.seed = seed + i
-            m = ExpressionPredictor(train, **dict(model_kwargs or {}))
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-                warnings.filterwarnings("ignore", message=".*not contain raw count.*")
-                m.train(
-                    max_epochs=max_epochs,
-                    validation_sections=validation_sections,
-                    early_stopping_patience=early_stopping_patience,
-                    **dict(train_kwargs or {}),
-                )
-            members.append(m)
-        model = members[0] if len(members) == 1 else ExpressionEnsemble(members)
+    cls.setup_anndata(train, embedding_key=embedding_key, layer=layer, section_key=section_key,
+                      patient_key=patient_key, spatial_key=spatial_key, **setup_kw)  # fmt: skip
+    members = []
+    for i in range(int(n_models)):
+        scvi.settings.seed = seed + i
+        m = cls(train, **model_kw)
+        m.train(**train_kw)
+        members.append(m)
     fit_time = time.perf_counter() - t0
-    for obj in [model, *getattr(model, "members", [])]:
-        obj.gene_sets_ = gene_sets
-        obj.training_sections_ = sections
-        obj.fit_time_s_ = fit_time
-        obj.method_ = method
-        obj.encoder_ = next(iter(encoders)) if encoders else None
+    for m in members:
+        m.gene_sets_ = gene_sets
+        m.training_sections_ = sections
+        m.fit_time_s_ = fit_time
+        if encoders:
+            m.encoder_ = next(iter(encoders))
+    if len(members) == 1:
+        model: Any = members[0]
+    else:
+        from ..model._ensemble import ExpressionEnsemble
+
+        model = ExpressionEnsemble(members)
     logger.info("fit_expression(%s): %d genes, sections %s, %.1f s", method, len(panel), sections, fit_time)
     return model
-
-
-class ExpressionEnsemble:
-    """Average of several :class:`~stfm.model.ExpressionPredictor` trained with different seeds.
-
-    Predictions are the mean of the members' predictions (and the root mean of their variances for the std).
-    """
-
-    def __init__(self, members: Sequence[ExpressionPredictor]) -> None:
-        self.members = list(members)
-        genes = self.members[0].genes
-        if any(m.genes != genes for m in self.members):
-            msg = "All ensemble members must predict the same genes in the same order."
-            raise ValueError(msg)
-
-    @property
-    def genes(self) -> list[str]:
-        """The gene panel, in output order."""
-        return self.members[0].genes
-
-    @property
-    def embedding_key_(self) -> str:
-        """obsm key of the training embedding."""
-        return self.members[0].embedding_key_
-
-    @property
-    def is_trained_(self) -> bool:
-        """Whether every member is trained."""
-        return all(m.is_trained_ for m in self.members)
-
-    def predict(self, adata: AnnData | None = None, **kwargs: Any) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Mean of the members' :meth:`~stfm.model.ExpressionPredictor.predict` outputs."""
-        outs = [m.predict(adata, **kwargs) for m in self.members]
-        if isinstance(outs[0], tuple):
-            res = []
-            for j in range(len(outs[0])):
-                arrs = np.stack([o[j] for o in outs])
-                is_std = kwargs.get("return_std") and j == 1
-                res.append(np.sqrt((arrs**2).mean(0)) if is_std else arrs.mean(0))
-            return tuple(r.astype(np.float32) for r in res)
-        return np.mean(outs, axis=0).astype(np.float32)
-
-    def save(self, dir_path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-        """Save each member to ``dir_path/member_<i>``."""
-        dir_path = Path(dir_path)
-        for i, m in enumerate(self.members):
-            m.save(dir_path / f"member_{i}", overwrite=overwrite)
-
-    def __repr__(self) -> str:
-        return f"ExpressionEnsemble({len(self.members)} × ExpressionPredictor, {len(self.genes)} genes)"
-
-
-def load_model(path: str | os.PathLike[str]) -> ExpressionPredictor | RidgeProbe | ExpressionEnsemble:
-    """Load a model folder written by ``ExpressionPredictor.save``, ``RidgeProbe.save`` or an ensemble's ``save``."""
-    path = Path(path)
-    if (path / "ridge_probe.npz").is_file():
-        from ..model._ridge import RidgeProbe
-
-        return RidgeProbe.load(path)
-    if (path / "model.pt").is_file():
-        from ..model._expression import ExpressionPredictor
-
-        return ExpressionPredictor.load(str(path))
-    members = sorted(path.glob("member_*"))
-    if members:
-        from ..model._expression import ExpressionPredictor
-
-        return ExpressionEnsemble([ExpressionPredictor.load(str(p)) for p in members])
-    msg = (
-        f"No stfm expression model found at {str(path)!r}: expected `model.pt` (ExpressionPredictor.save), "
-        "`ridge_probe.npz` (RidgeProbe.save) or `member_*` folders. Train one with `stfm.tl.fit_expression`."
-    )
-    raise FileNotFoundError(msg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,14 +280,30 @@ def _model_name(model: Any) -> str:
     return type(model).__name__
 
 
+def resolve_model(model: Any) -> tuple[Any, str | None]:
+    """A fitted expression model from a model or a folder path, and the path (or ``None``)."""
+    from ..model._ensemble import load_model
+
+    if isinstance(model, str | os.PathLike):
+        return load_model(model), os.fspath(model)
+    if not hasattr(model, "predict") or not hasattr(model, "genes") or not hasattr(model, "method"):
+        msg = (
+            f"Expected a fitted stfm expression model (from `stfm.tl.fit_expression`) or a folder written by its "
+            f"`save`, found {type(model).__name__}."
+        )
+        raise TypeError(msg)
+    return model, None
+
+
 def predict_expression(
     data: Any,
-    model: str | os.PathLike[str] | ExpressionPredictor | RidgeProbe | ExpressionEnsemble,
+    model: Any,
     *,
     use_rep: str | None = None,
     table_key: str | None = None,
     genes: Sequence[str] | None = None,
     library_size: float | Literal["observed", "predicted"] = 1e4,
+    smooth: int | None = None,
     return_std: bool = False,
     return_dist_params: bool = False,
     batch_size: int | None = None,
@@ -357,7 +312,7 @@ def predict_expression(
     inplace: bool = True,
     copy: bool = False,
 ) -> Any:
-    """Predict spatial gene expression from tile/spot embeddings.
+    """Predict spatial gene expression from tile/spot embeddings with any registered method.
 
     Parameters
     ----------
@@ -365,8 +320,8 @@ def predict_expression(
         AnnData, or SpatialData whose table ``table_key`` holds the embedding. The table may have counts for
         the model's genes, any subset of them, or no genes at all (an H&E-only tile table).
     model
-        A fitted :class:`~stfm.model.ExpressionPredictor`, :class:`~stfm.model.RidgeProbe`, an ensemble from
-        :func:`fit_expression`, or a folder written by their ``save``.
+        A model from :func:`fit_expression` (any method in :func:`stfm.model.list_methods`, or an ensemble), or a
+        folder written by its ``save``.
     use_rep
         obsm key of the embedding (``None``: the key the model was trained on).
     table_key
@@ -375,12 +330,14 @@ def predict_expression(
         Predict only these genes (all must be in :func:`stfm.get.model_genes`); ``None``: the model's panel.
     library_size
         A number (counts per ``library_size`` for every spot), ``'observed'`` (each spot's counts over the panel;
-        needs counts in ``X``) or ``'predicted'`` (library size predicted from the image; for ridge, the
-        un-normalised ``expm1`` of the predicted ``log1p`` counts).
+        needs counts in ``X``) or ``'predicted'`` (the library size each method predicts from the image).
+    smooth
+        Spatial neighbours each prediction is averaged with; ``None``: the number the model chose on its
+        validation sections (``model.smoothing_``); ``0``: off.
     return_std
-        Also write the ZINB standard deviation (``'zinb'`` only).
+        Also write the predictive standard deviation (methods whose ``supports`` lists ``'std'``).
     return_dist_params
-        Also write the zero-inflation probability and gene-wise ``theta`` (``'zinb'`` only).
+        Also write the zero-inflation probability and gene-wise ``theta`` (methods listing ``'dist_params'``).
     batch_size
         Inference batch size (default :attr:`stfm.settings.batch_size`).
     device
@@ -400,31 +357,33 @@ def predict_expression(
     Sets the following fields (on `adata`, or on `sdata.tables[table_key]`):
 
     `.layers['predicted' | key_added]` : :class:`numpy.ndarray` (float32, `(n_obs, n_vars)`)
-        Normalised mean × `library_size` (for ZINB, the negative binomial mean `l · scale`; the zero-inflated
+        Composition × `library_size` (for ZINB, the negative binomial mean `l · scale`; the zero-inflated
         mean is `(1 - zi_prob) · l · scale`). For a table without genes, the table is rebuilt with
         `var_names` = the panel and `X` = this layer, keeping obs, obsm, obsp, uns and `spatialdata_attrs`.
     `.layers[f'{key_added}_std']` : :class:`numpy.ndarray` (float32)
-        ZINB standard deviation; only if `return_std=True`.
+        Predictive standard deviation; only if `return_std=True`.
     `.layers[f'{key_added}_zi_prob']`, `.var[f'{key_added}_theta']`
         Zero-inflation probability and inverse dispersion; only if `return_dist_params=True`.
     `.uns['stfm']['predicted' | key_added]` : :class:`dict`
-        Model class, method, embedding key, encoder, library_size, n_genes, likelihood, training sections.
+        Method, model class, embedding key, encoder, library size, smoothing, n_genes, likelihood, training
+        sections.
     """
+    from ..model._registry import get_method
+
     check_copy_inplace(copy=copy, inplace=inplace)
     check_valid_key(key_added)
-    if isinstance(model, str | os.PathLike):
-        model_path = os.fspath(model)
-        model = load_model(model)
-    else:
-        model_path = None
-    if not hasattr(model, "predict") or not hasattr(model, "genes"):
-        msg = f"Expected a fitted stfm expression model or a path to one, found {type(model).__name__}."
-        raise TypeError(msg)
-    is_ridge = _model_name(model) == "RidgeProbe"
-    if is_ridge and (return_std or return_dist_params):
-        msg = "`return_std` / `return_dist_params` need a ZINB model (method='zinb'); the ridge probe has no distribution."
+    model, model_path = resolve_model(model)
+    spec = get_method(model.method)
+    if return_std and not getattr(model.module, "has_std", False):
+        msg = (
+            f"`return_std=True` needs a method with a predictive distribution; {model.method!r} has none. Methods "
+            "supporting it are listed with 'std' in `stfm.model.list_methods()['supports']`."
+        )
         raise ValueError(msg)
-    if device is not None and not is_ridge:
+    if return_dist_params and "dist_params" not in spec.supports:
+        msg = f"`return_dist_params=True` needs a ZINB method (e.g. method='zinb'); {model.method!r} has no zero-inflation."
+        raise ValueError(msg)
+    if device is not None:
         from .._settings import settings
 
         for m in getattr(model, "members", [model]):
@@ -453,9 +412,10 @@ def predict_expression(
             )
             raise ValueError(msg)
         out_genes = [str(g) for g in adata.var_names if genes is None or g in set(out_genes)]
-    kwargs: dict[str, Any] = {"library_size": library_size, "use_rep": use_rep}
-    if not is_ridge:
-        kwargs.update(return_std=return_std, return_dist_params=return_dist_params, batch_size=batch_size)
+    kwargs: dict[str, Any] = {"library_size": library_size, "use_rep": use_rep, "batch_size": batch_size,
+                              "return_std": return_std, "smooth": smooth}  # fmt: skip
+    if return_dist_params:
+        kwargs["return_dist_params"] = True
     res = model.predict(adata, **kwargs)
     res = res if isinstance(res, tuple) else (res,)
     idx = [panel.index(g) for g in out_genes]
@@ -467,20 +427,20 @@ def predict_expression(
         theta = np.asarray(res[-1])[idx].astype(np.float32)
 
     members = getattr(model, "members", [model])
+    used_smooth = [int(m.smoothing_ if smooth is None else smooth) for m in members]
     params = {
         "model": _model_name(model),
-        "model_path": model_path,
-        "method": "ridge" if is_ridge else "zinb",
-        "likelihood": "log1p-ridge" if is_ridge else "zinb",
-        "use_rep": use_rep or model.embedding_key_,
+        "model_path": Path(model_path).name if model_path else None,
+        "method": model.method,
+        "likelihood": spec.likelihood,
+        "use_rep": use_rep or members[0].embedding_key_,
         "encoder": getattr(members[0], "encoder_", None),
         "library_size": library_size,
+        "smoothing_neighbors": used_smooth[0] if len(set(used_smooth)) == 1 else used_smooth,
         "n_genes": len(out_genes),
         "n_models": len(members),
         "training_sections": list(getattr(members[0], "training_sections_", [])),
-        "layer_holds": "NB mean l*scale (normalised mean x library size)"
-        if not is_ridge
-        else "expm1(predicted log1p counts), rescaled to library_size",
+        "layer_holds": "composition (sums to 1 over the panel) x library size",
     }
 
     if not inplace:

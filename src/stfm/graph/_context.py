@@ -9,7 +9,7 @@ pitch), Visium (100 µm pitch) and regular tile grids.
 
 Geometry (documented, and checked in the tests against :func:`pool_context_reference`):
 
-- ``pitch`` = median distance from each spot to its nearest other spot (:func:`spot_pitch`).
+- ``pitch`` = median distance from each spot to its nearest other spot (:func:`stfm.graph.spot_pitch`).
 - Ring ``s`` holds neighbours at distance ``d`` with ``r[s-1] < d <= r[s]``, ``r[s] = (scales[s] + 0.5) × pitch``
   and ``r[-1] = 0`` (so ``scales=(1, 2, 4)`` gives rings up to 1.5, 2.5 and 4.5 pitches; on a square grid ring 0
   holds the 4 edge and 4 diagonal neighbours). The spot itself is never its own neighbour.
@@ -26,24 +26,9 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 
-__all__ = ["pool_context", "pool_context_reference", "ring_radii", "spot_pitch"]
+from ._geometry import radius_pairs, section_indices, spot_pitch
 
-
-def spot_pitch(coords: np.ndarray) -> float:
-    """Median distance from each spot to its nearest other spot (the centre-to-centre pitch)."""
-    from scipy.spatial import cKDTree
-
-    coords = np.asarray(coords, dtype=np.float64)[:, :2]
-    if coords.shape[0] < 2:
-        msg = f"Need at least 2 spots to derive the spot pitch from coordinates, found {coords.shape[0]}."
-        raise ValueError(msg)
-    dist, _ = cKDTree(coords).query(coords, k=2)
-    d = dist[:, 1]
-    d = d[d > 0]
-    if d.size == 0:
-        msg = "All spot coordinates coincide; cannot derive a spot pitch from `obsm['spatial']`."
-        raise ValueError(msg)
-    return float(np.median(d))
+__all__ = ["pool_context", "pool_context_reference", "ring_radii"]
 
 
 def ring_radii(scales: Sequence[float], pitch: float) -> np.ndarray:
@@ -103,10 +88,8 @@ def _pool_kernel(indptr, indices, coords, feats, radii, n_sectors, out, counts):
 
 
 def _neighbour_csr(coords: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.spatial import cKDTree
-
     n = coords.shape[0]
-    pairs = cKDTree(coords).query_pairs(radius * (1 + 1e-9), output_type="ndarray")
+    pairs = radius_pairs(coords, radius)
     if pairs.size == 0:
         return np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
     src = np.concatenate([pairs[:, 0], pairs[:, 1]])
@@ -167,12 +150,7 @@ def pool_context(
     n_scales = len(scales)
     out = np.zeros((n, n_scales, int(n_sectors), d), dtype=np.float32)
     counts = np.zeros((n, n_scales, int(n_sectors)), dtype=np.int64)
-    if groups is None:
-        parts = [np.arange(n)]
-    else:
-        groups = np.asarray(groups)
-        parts = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    for idx in parts:
+    for idx in section_indices(groups, n):
         if idx.size == 0:
             continue
         c = coords[idx]

@@ -1,0 +1,95 @@
+"""Training helpers shared by the expression models: validation scores, the early-stopping monitor, devices."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback
+
+if TYPE_CHECKING:
+    from ._base import ExpressionModelBase
+
+__all__ = ["ValidationMonitor", "module_device", "validation_scores"]
+
+
+def _pearson_mean(pred: np.ndarray, true: np.ndarray) -> float:
+    p = pred - pred.mean(0)
+    t = true - true.mean(0)
+    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    ok = den > 1e-12
+    return float(((p * t).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+def validation_scores(mean: np.ndarray, counts: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
+    """Mean per-gene Pearson of predictions against counts, per section then averaged over sections.
+
+    ``'raw'``: ``log1p(mean)`` vs ``log1p(counts)`` (HEST convention, rewards depth); ``'composition'``: ``log1p``
+    counts per 10k of both over the panel (depth removed). ``'mean'`` is their average.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    labels = np.zeros(len(mean), dtype=int) if groups is None else pd.factorize(np.asarray(groups))[0]
+    raw, comp = [], []
+    for g in np.unique(labels):
+        m = labels == g
+        p, t = mean[m], counts[m]
+        raw.append(_pearson_mean(np.log1p(p), np.log1p(t)))
+        ps = p.sum(1, keepdims=True)
+        ts = t.sum(1, keepdims=True)
+        pc = np.divide(p * 1e4, ps, out=np.zeros_like(p), where=ps > 0)
+        tc = np.divide(t * 1e4, ts, out=np.zeros_like(t), where=ts > 0)
+        comp.append(_pearson_mean(np.log1p(pc), np.log1p(tc)))
+    r, c = float(np.nanmean(raw)), float(np.nanmean(comp))
+    return {"raw": r, "composition": c, "mean": 0.5 * (r + c)}
+
+
+class ValidationMonitor(Callback):
+    """Score every epoch on the validation sections; stop after ``patience`` epochs without improvement and
+    restore the best epoch's weights at the end of training."""
+
+    def __init__(self, model: ExpressionModelBase, arrays: dict[str, Any], *, metric: str, patience: int | None,
+                 elbo: bool = False) -> None:  # fmt: skip
+        self.model = model
+        self.arrays = arrays
+        self.metric = metric
+        self.elbo = elbo
+        self.patience = patience
+        self.best = -np.inf
+        self.best_epoch: int | None = None
+        self.rows: list[dict[str, float]] = []
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        module = pl_module.module
+        was_training = module.training
+        mean = self.model._predict_arrays(self.arrays, library_size="predicted", smooth=0)[0]
+        module.train(was_training)
+        scores = validation_scores(mean, self.arrays["counts"], self.arrays["groups"])
+        epoch = int(trainer.current_epoch)
+        if self.elbo:
+            value = trainer.callback_metrics.get("elbo_validation")
+            score = -float(value) if value is not None else -np.inf
+        else:
+            score = scores[self.metric]
+        self.rows.append({"epoch": epoch, **scores, "score": score})
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        elif self.patience is not None and self.best_epoch is not None and epoch - self.best_epoch >= self.patience:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.state is not None:
+            pl_module.module.load_state_dict(self.state)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for an empty module)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,170 @@
+"""Torch building blocks shared by stfm's modules (scVIVA keeps its ``_components.py`` beside the module, so do we).
+
+- :class:`Standardize`: fixed per-dimension standardisation (training statistics stored as buffers).
+- :class:`MLP`: Linear → LayerNorm → GELU → Dropout blocks, the encoder of every embedding-driven model.
+- :class:`ZINBHead`: hidden state → zero-inflated negative binomial over a gene panel with a library size
+  (normalised mean ``scale``, zero-inflation logits, a library size predicted from the image, gene-wise ``theta``).
+- :func:`info_nce`: symmetric InfoNCE between two batches of embeddings (CLIP / BLEEP / SpaCancer / SPAM).
+- :class:`CrossAttentionBlock`: pre-norm cross-attention of query tokens over key/value tokens with padding masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scvi.distributions import ZeroInflatedNegativeBinomial
+from torch import nn
+
+__all__ = ["MLP", "CrossAttentionBlock", "Standardize", "ZINBHead", "info_nce", "init_log_temperature", "zinb_variance"]
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with the statistics of the training data held as buffers (saved with the model)."""
+
+    def __init__(self, n_input: int, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
+        super().__init__()
+        m = np.zeros(n_input, np.float32) if mean is None else np.asarray(mean, np.float32)
+        s = np.ones(n_input, np.float32) if std is None else np.asarray(std, np.float32)
+        if m.shape != (n_input,) or s.shape != (n_input,):
+            msg = f"Expected standardisation statistics of shape ({n_input},), found {m.shape} and {s.shape}."
+            raise ValueError(msg)
+        self.register_buffer("mean", torch.as_tensor(m))
+        self.register_buffer("std", torch.as_tensor(np.maximum(s, 1e-6)))
+
+    def set(self, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor) -> None:
+        """Replace the statistics in place."""
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.clamp(torch.as_tensor(std, dtype=torch.float32), min=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class MLP(nn.Module):
+    """``input dropout → [Linear → LayerNorm → GELU → Dropout] × n_layers`` (→ a final Linear when ``n_output``).
+
+    ``n_layers=0`` is the identity on the (dropped-out) input. ``layer_norm=False`` leaves the normalisation out.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_hidden: int = 256,
+        n_layers: int = 1,
+        *,
+        n_output: int | None = None,
+        dropout: float = 0.2,
+        input_dropout: float = 0.0,
+        layer_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        d = n_input
+        for _ in range(int(n_layers)):
+            layers.append(nn.Linear(d, n_hidden))
+            if layer_norm:
+                layers.append(nn.LayerNorm(n_hidden))
+            layers += [nn.GELU(), nn.Dropout(dropout)]
+            d = n_hidden
+        if n_output is not None:
+            layers.append(nn.Linear(d, n_output))
+            d = n_output
+        self.net = nn.Sequential(*layers)
+        self.n_output = d
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.net[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ZINBHead(nn.Module):
+    """Hidden state ``h`` → ZINB(μ = l · scale, θ, π) over ``n_genes`` with an image-predicted library size.
+
+    ``scale = softmax(W_s h)`` (sums to 1 over the panel), ``π = sigmoid(W_z h)``, ``log l̂ = w_l · h + b_l``
+    (initialised at the training mean log library size), ``θ`` gene-wise. With ``library=None`` the predicted
+    library size ``l̂`` is used (an H&E-only section), else the given one (training: the observed counts' sum).
+    """
+
+    def __init__(self, n_hidden: int, n_genes: int, *, log_library_mean: float = 0.0) -> None:
+        super().__init__()
+        self.scale_head = nn.Linear(n_hidden, n_genes)
+        self.zi_head = nn.Linear(n_hidden, n_genes)
+        self.library_head = nn.Linear(n_hidden, 1)
+        nn.init.zeros_(self.library_head.weight)
+        nn.init.constant_(self.library_head.bias, float(log_library_mean))
+        nn.init.constant_(self.zi_head.bias, -2.0)
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    def forward(self, h: torch.Tensor, library: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        scale = torch.softmax(self.scale_head(h), dim=-1)
+        zi_logits = self.zi_head(h)
+        log_library_pred = self.library_head(h)
+        lib = torch.exp(log_library_pred) if library is None else library
+        theta = torch.exp(self.log_theta).expand_as(scale)
+        px = ZeroInflatedNegativeBinomial(mu=lib * scale, theta=theta, zi_logits=zi_logits, scale=scale)
+        return {"px": px, "scale": scale, "zi_logits": zi_logits, "log_library_pred": log_library_pred, "library": lib}
+
+
+def zinb_variance(mu: torch.Tensor, theta: torch.Tensor, zi_prob: torch.Tensor) -> torch.Tensor:
+    """Variance of ZINB(μ, θ, π): ``(1 − π) μ (1 + μ / θ + π μ)`` (the zero-inflated mean is ``(1 − π) μ``)."""
+    return (1 - zi_prob) * mu * (1 + mu / theta + zi_prob * mu)
+
+
+def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, log_temperature: torch.Tensor | float, *, normalize: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE, per sample: row ``i`` of ``z_a`` and row ``i`` of ``z_b`` are the positive pair.
+
+    ``normalize=True`` L2-normalises both sides (cosine logits); the logits are divided by ``exp(log_temperature)``
+    (clamped at 1e-3). Returns a ``(n,)`` tensor, the mean of the two cross-entropies.
+    """
+    if normalize:
+        z_a, z_b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
+    t = torch.as_tensor(log_temperature, dtype=z_a.dtype, device=z_a.device).exp().clamp(min=1e-3)
+    logits = z_a @ z_b.T / t
+    target = torch.arange(z_a.shape[0], device=z_a.device)
+    return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none"))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention: ``q ← q + MHA(LN(q), LN(kv))``, then ``q ← q + FFN(LN(q))``.
+
+    ``kv_mask`` (``(n, n_kv)`` bool, ``True`` = a real token) masks absent tokens; a row with no real token leaves
+    its queries unchanged by the attention step (no NaN).
+    """
+
+    def __init__(self, d_model: int, n_heads: int = 4, *, dropout: float = 0.1, ffn_mult: int = 2) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            msg = f"`d_model` ({d_model}) must be divisible by `n_heads` ({n_heads})."
+            raise ValueError(msg)
+        self.norm_q = nn.LayerNorm(d_model)
+        self.norm_kv = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.norm_ffn = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, ffn_mult * d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * d_model, d_model)
+        )
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        pad = None
+        empty = None
+        if kv_mask is not None:
+            pad = ~kv_mask.bool()
+            empty = pad.all(dim=1)
+            if bool(empty.any()):
+                pad = pad.clone()
+                pad[empty, 0] = False  # attend to one (masked-out below) token instead of producing NaN
+        out, _ = self.attn(self.norm_q(q), self.norm_kv(kv), self.norm_kv(kv), key_padding_mask=pad, need_weights=False)
+        if empty is not None and bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None], 0.0)
+        q = q + out
+        return q + self.ffn(self.norm_ffn(q))
+
+
+def init_log_temperature(value: float, *, learn: bool = True) -> nn.Parameter:
+    """A scalar ``log τ`` parameter, learnable or fixed."""
+    return nn.Parameter(torch.tensor(math.log(value)), requires_grad=bool(learn))
