@@ -68,7 +68,10 @@ def _auc(y, s):
 # -- training, save / load, reproducibility ------------------------------------------------------------
 def test_train_detect_save_load(fitted, synth, tmp_path):
     model = fitted
-    assert 0.0 < model.threshold_ < 1.0
+    # the threshold was fixed on every labelled, not-undetermined spot of the two held-out reference sections
+    n_val = sum(int((synth[k].obs["pathologist_label"] != "undetermined").sum()) for k in ("S0", "S1"))
+    assert model.calibration_["n_validation"] == n_val and model.calibration_["criterion"] == "f1"
+    assert model.calibration_["validation_score"] > 0.5  # held-out F1 above calling every spot tumour (about 0.4)
     assert model.calibration_["method"] == "platt" and model.calibration_["a"] > 0
     assert set(model.validation_["sections"]) == {"S0", "S1"}
     q = synth["S3"].copy()
@@ -374,3 +377,16 @@ def test_plot_on_b4(tmp_path):
     plt.close(fig)
     with pytest.raises(KeyError, match="detect_cancer_regions"):
         stfm.pl.cancer_regions(load_section("B1"), return_fig=True)
+
+
+def test_each_threshold_fold_model_never_trained_on_its_held_out_section(synth):
+    """The validation logits that fix the threshold come from fold models that did not see the scored section."""
+    ref = {k: synth[k] for k in ("S0", "S1", "S2")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = stfm.tl.fit_cancer_model(ref, use_rep="X_img", expr_rep="X_expr", seed=0, **FAST)
+    folds = model.validation_["sections"]
+    assert set(folds) == {"S0", "S1", "S2"} and model.validation_["method"] == "sections"
+    for held_out, info in folds.items():
+        assert info["trained_on"] == sorted({"S0", "S1", "S2"} - {held_out})
+        assert np.isfinite(info["auc"]) and info["n_spots"] > 0

@@ -185,7 +185,7 @@ def test_cache_second_call_runs_no_forward(b4_small, lite0, monkeypatch, tmp_pat
     assert calls["n"] > 0
     first = ad.obsm[KEY].copy()
     files = sorted((tmp_path / "features").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npy"  # no temporary file left behind
+    assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary file left behind
 
     calls["n"] = 0
     ad2 = b4_small.copy()
@@ -197,8 +197,52 @@ def test_cache_second_call_runs_no_forward(b4_small, lite0, monkeypatch, tmp_pat
     # a different geometry is a different entry
     stfm.pp.extract_features(ad2, lite0, mpp=1.0, key_added="X_lite0_1um")
     assert calls["n"] > 0
-    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "features").glob("*.npz"))) == 2
     assert ad2.uns["stfm"]["X_lite0_1um"]["tile_um"] == pytest.approx(224.0)
+
+    # a corrupted entry (one value flipped; or truncated) is detected, recomputed and rewritten
+    entry = files[0]
+    with np.load(entry) as f:
+        feats, digest = f["features"].copy(), f["digest"]
+    feats[0, 0] += 1.0
+    np.savez(entry, features=feats, digest=digest)
+    for corrupt in ("flipped", "truncated"):
+        if corrupt == "truncated":
+            entry.write_bytes(entry.read_bytes()[:100])
+        calls["n"] = 0
+        ad3 = b4_small.copy()
+        with caplog_warning() as logs:
+            stfm.pp.extract_features(ad3, lite0)
+        assert calls["n"] > 0 and ad3.uns["stfm"][KEY]["cache_hit"] is False
+        np.testing.assert_array_equal(ad3.obsm[KEY], first)
+        assert any("recomputing" in m for m in logs), logs
+    calls["n"] = 0
+    ad4 = b4_small.copy()
+    stfm.pp.extract_features(ad4, lite0)  # the rewritten entry is whole again: a hit, no forward pass
+    assert calls["n"] == 0 and ad4.uns["stfm"][KEY]["cache_hit"] is True
+
+
+class caplog_warning:
+    """Collect the messages the ``stfm`` logger emits at warning level inside the block."""
+
+    def __enter__(self):
+        import logging
+
+        self.messages: list[str] = []
+        outer = self
+
+        class _H(logging.Handler):
+            def emit(self, record):
+                outer.messages.append(record.getMessage())
+
+        self.handler = _H(level=logging.WARNING)
+        logging.getLogger("stfm").addHandler(self.handler)
+        return self.messages
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("stfm").removeHandler(self.handler)
 
 
 def test_copy_inplace_semantics(b4, lite0):
@@ -348,6 +392,53 @@ def test_pipeline_equals_bare_forward_in_callers_order(b4, lite0):
     with torch.inference_mode():
         bare = lite0(torch.stack([ds[i] for i in range(len(ds))]).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(ad.obsm[KEY], bare, rtol=0, atol=1e-4)
+
+
+def test_features_match_independently_cut_tiles(b4, lite0, b4_image):
+    """Each spot's features equal the encoder on a tile cut here by plain slicing around (x, y) and resized with
+    PIL: a crop from transposed coordinates, a wrong centre or a wrong scale would not match (per-spot cosine)."""
+    from PIL import Image
+
+    ad = _subset(b4, 24)
+    stfm.pp.extract_features(ad, lite0, cache=False)
+    side = int(round(112.0 / ad.uns["stfm"][KEY]["slide_mpp"]))  # 112 µm at the slide's µm/px
+    tiles = []
+    for x, y in ad.obsm["spatial"]:
+        x0, y0 = int(round(x - side / 2)), int(round(y - side / 2))
+        crop = np.ascontiguousarray(b4_image[y0 : y0 + side, x0 : x0 + side])
+        tiles.append(np.asarray(Image.fromarray(crop).resize((224, 224), Image.Resampling.BICUBIC)))
+    with torch.inference_mode():
+        ref = lite0(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)).numpy()
+    got = ad.obsm[KEY]
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.995, cos.min()
+    # the test can tell: features of other spots are far less similar
+    other = (got * np.roll(ref, 1, axis=0)).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert other.max() < cos.min() and np.median(other) < 0.95
+
+
+def test_spot_scale_cuts_tiles_in_spot_diameters(b4, lite0, b4_image):
+    """`spot_scale=s`: the crop side is s spot diameters (squidpy's convention), still resampled to 224 px."""
+    from PIL import Image
+
+    ad = _subset(b4, 8)
+    stfm.pp.extract_features(ad, lite0, spot_scale=1.5, cache=False)
+    prov = ad.uns["stfm"][KEY]
+    sf = ad.uns["spatial"]["B4"]["scalefactors"]
+    side_px = 1.5 * sf["spot_diameter_fullres"]
+    assert prov["spot_scale"] == 1.5 and prov["tile_um"] == pytest.approx(side_px * sf["microns_per_pixel"])
+    assert prov["crop_px"] == int(round(side_px))
+    side = int(round(side_px))
+    tiles = []
+    for x, y in ad.obsm["spatial"]:
+        x0, y0 = int(round(x - side / 2)), int(round(y - side / 2))
+        crop = np.ascontiguousarray(b4_image[y0 : y0 + side, x0 : x0 + side])
+        tiles.append(np.asarray(Image.fromarray(crop).resize((224, 224), Image.Resampling.BICUBIC)))
+    with torch.inference_mode():
+        ref = lite0(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)).numpy()
+    got = ad.obsm[KEY]
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.995, cos.min()
 
 
 def test_resize_tiles_matches_pil_bicubic(b4_image):

@@ -119,6 +119,21 @@ def test_detect_tissue_and_grid_on_synthetic():
     assert (ry**2 + rx**2 < 1.3).all()
 
 
+def test_make_tiles_stride_sets_the_grid_spacing():
+    """`stride_um` spaces tile centres at stride / µm-per-px pixels; tiles keep their own size (they overlap)."""
+    img = _synthetic_he(1200, 1600)
+    default = stfm.pp.make_tiles(img, slide_mpp=0.5, tile_um=56.0)
+    dense = stfm.pp.make_tiles(img, slide_mpp=0.5, tile_um=56.0, stride_um=28.0)
+    for sdata, step in ((default, 112.0), (dense, 56.0)):
+        xy = sdata.tables["tiles_table"].obsm["spatial"]
+        assert stfm.graph.spot_pitch(xy) == pytest.approx(step, rel=1e-6)
+        bounds = sdata.shapes["tiles"].geometry.bounds
+        np.testing.assert_allclose(bounds["maxx"] - bounds["minx"], 112.0, rtol=1e-6)  # 56 µm at 0.5 µm/px
+    n_default = default.tables["tiles_table"].n_obs
+    assert 3.5 * n_default < dense.tables["tiles_table"].n_obs < 4.5 * n_default  # half the stride, 4× the tiles
+    assert dense.tables["tiles_table"].uns["stfm"]["tiles"]["stride_um"] == 28.0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # make_tiles
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,22 +21,6 @@ def _step(name: str) -> float:
 
 def _done(t0: float, what: str) -> None:
     print(f"[stfm demo]   {what} ({time.perf_counter() - t0:.1f} s)", flush=True)
-
-
-def write_zarr_atomic(sdata, target: Path) -> None:
-    """Write ``sdata`` to ``target`` through a temporary folder beside it, then swap it in."""
-    target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        staged = tmp / target.name
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
-            sdata.write(staged)
-        if target.exists():
-            shutil.rmtree(target)
-        staged.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _quiet_training_logs() -> None:
@@ -150,7 +132,7 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
     query.obs["spot_id"] = table.obs["spot_id"].to_numpy()
     query.uns.pop("spatialdata_attrs", None)
     sdata.tables["predicted"] = TableModel.parse(query, region=section, region_key="region", instance_key="spot_id")
-    write_zarr_atomic(sdata, out / f"{section}.zarr")
+    io.write_zarr(sdata, out / f"{section}.zarr", overwrite=True)
     adata = io.to_anndata(sdata, table_key="table")
     color = "cluster_annotation" if "cluster_annotation" in adata.obs else None
     fig = pl.overview(adata, color=color, return_fig=True)

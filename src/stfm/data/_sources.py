@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from .._logging import logger
+from ..io._images import check_jpeg_complete
+
 __all__ = [
     "ArraySource",
     "DecodedFileSource",
@@ -398,20 +401,36 @@ def _chunk_grid(arr: Any, *, cyx: bool) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _decode(path: Path) -> np.ndarray:
     """Decode an image file: JPEG through imagecodecs' libjpeg-turbo (about 2.5x faster than PIL, identical
-    pixels, no intermediate copies) when available, anything else through PIL."""
+    pixels, no intermediate copies) when available, anything else through PIL. A truncated or corrupt file raises
+    a :class:`ValueError` naming it (PIL's truncation check; for JPEG also the end-of-image marker)."""
     if path.suffix.lower() in (".jpg", ".jpeg"):
+        data = path.read_bytes()
+        check_jpeg_complete(data, path)
         try:
             import imagecodecs
 
-            arr = imagecodecs.jpeg8_decode(path.read_bytes())
+            arr = imagecodecs.jpeg8_decode(data)
             if (arr.ndim == 3 and arr.shape[-1] == 3) or arr.ndim == 2:
                 return arr
-        except Exception:
+        except ImportError:
             pass
-    from PIL import Image
+        except Exception as e:  # imagecodecs' own decode errors: let PIL try, then report
+            logger.debug("imagecodecs could not decode %s (%s); trying PIL", path, e)
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # slide-sized H&E scans are expected here; restored below
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        msg = (
+            f"Could not decode the image {str(path)!r} ({type(e).__name__}: {e}): the file is truncated, corrupt or not "
+            "an image. Re-download or re-export it."
+        )
+        raise ValueError(msg) from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _is_xarray(obj: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Readers to AnnData / SpatialData and conversions between them."""
+"""Readers to AnnData / SpatialData, conversions between them, and atomic writers."""
 
 from .._lazy import attach
 
@@ -9,5 +9,7 @@ __getattr__, __dir__, __all__ = attach(
         "read_visium": "_visium",
         "to_spatialdata": "_convert",
         "to_anndata": "_convert",
+        "write_zarr": "_write",
+        "write_h5ad": "_write",
     },
 )

@@ -94,7 +94,9 @@ def read_her2st(
     hires_max_px
         Longest side of the downsampled image kept in ``uns['spatial'][library_id]['images']['hires']``.
         The full-resolution file is referenced in ``['metadata']['source_image_path']`` (and becomes the
-        ``{library_id}_full_image`` element with ``as_spatialdata=True``).
+        ``{library_id}_full_image`` element with ``as_spatialdata=True``). The viewer PNG of A1 / A2 is drawn in
+        another frame and at 3.2 µm/px: it is kept as the ``hires`` image only (``['metadata']['hires_image_path']``),
+        never as the source image of ``obsm['spatial']``.
     library_id
         Key in ``uns['spatial']`` (default: the section id).
     as_spatialdata
@@ -204,9 +206,11 @@ def read_her2st(
     spatial: dict = {"scalefactors": scalefactors, "metadata": {"coordinate_frame": frame, "platform": "ST (legacy)"}}
     if img_path is not None:
         spatial["images"] = {"hires": hires}
-        spatial["metadata"]["source_image_path"] = str(Path(img_path).resolve())
-        if img_arr is not None:
+        if img_arr is not None:  # only an image in the frame of obsm['spatial'] may be the source image
+            spatial["metadata"]["source_image_path"] = str(Path(img_path).resolve())
             spatial["metadata"]["fullres_shape"] = np.asarray(img_arr.shape[:2])
+        else:  # the viewer PNG is a rendering in another frame: it is only the hires image
+            spatial["metadata"]["hires_image_path"] = str(Path(img_path).resolve())
     else:
         spatial["images"] = {}
     adata.uns["spatial"] = {library_id: spatial}

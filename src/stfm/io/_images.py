@@ -7,7 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["check_spots_in_image", "downsample", "read_image"]
+__all__ = ["check_jpeg_complete", "check_spots_in_image", "downsample", "read_image"]
+
+
+def check_jpeg_complete(data: bytes, path: Path) -> None:
+    """Raise when JPEG bytes lack their end-of-image marker: a truncated file, whose missing part libjpeg would
+    otherwise decode as flat grey without a word (the spots there would all get the same features)."""
+    if not data.startswith(b"\xff\xd8"):
+        msg = f"{str(path)!r} is not a JPEG file (no start-of-image marker); re-download it or pass the right file."
+        raise ValueError(msg)
+    if data.rfind(b"\xff\xd9", max(0, len(data) - 65536)) < 0:
+        msg = (
+            f"The JPEG {str(path)!r} is truncated or corrupt: it has no end-of-image marker ({len(data):,} bytes). "
+            "Re-download or re-export the image; a partial file would give the spots of its missing part empty tiles."
+        )
+        raise ValueError(msg)
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -30,6 +44,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     else:
         from PIL import Image, UnidentifiedImageError
 
+        if path.suffix.lower() in {".jpg", ".jpeg"}:
+            check_jpeg_complete(path.read_bytes(), path)
         limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # slide-sized H&E scans are expected here; restored below
         try:

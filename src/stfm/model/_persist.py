@@ -15,18 +15,15 @@ aside, then deleted, so a crash leaves either the old complete folder or the new
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
-import tempfile
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .._atomic import atomic_dir, replace_dir, stale_temporaries
 
 if TYPE_CHECKING:
     import torch
@@ -183,109 +180,6 @@ def write_weights(folder: Path, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE))
-
-
-# --------------------------------------------------------------------------------------------------
-# atomic folder writes
-# --------------------------------------------------------------------------------------------------
-_ACTIVE: set[Path] = set()
-_LOCK = threading.Lock()
-_PREVIOUS: dict[int, Any] = {}
-
-
-def _cleanup_handler(signum: int, frame: Any) -> None:
-    with _LOCK:
-        for tmp in list(_ACTIVE):
-            shutil.rmtree(tmp, ignore_errors=True)
-        _ACTIVE.clear()
-    prev = _PREVIOUS.get(signum)
-    if callable(prev):
-        prev(signum, frame)
-    else:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-
-@contextlib.contextmanager
-def _signals_cleanup() -> Iterator[None]:
-    """Remove active temporary folders on SIGTERM / SIGINT (main thread only), then re-raise the signal."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    installed = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        prev = signal.getsignal(sig)
-        if prev is not _cleanup_handler:
-            _PREVIOUS[sig] = prev
-            signal.signal(sig, _cleanup_handler)
-            installed[sig] = prev
-    try:
-        yield
-    finally:
-        for sig, prev in installed.items():
-            signal.signal(sig, prev)
-
-
-def stale_temporaries(target: Path) -> list[Path]:
-    """Temporary siblings left behind by an interrupted write of ``target``."""
-    prefix = f".{target.name}.stfm-tmp-"
-    old = f".{target.name}.stfm-old-"
-    if not target.parent.is_dir():
-        return []
-    return [p for p in target.parent.iterdir() if p.name.startswith((prefix, old))]
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``target`` (old renamed aside, new moved in, old deleted).
-
-    On any error, or SIGTERM / SIGINT, the temporary folder is removed and ``target`` is left as it was. Stale
-    temporaries of the same target from an earlier killed write are removed first.
-    """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        msg = f"{str(target)!r} already exists. Pass `overwrite=True` to replace it, or choose another folder."
-        raise FileExistsError(msg)
-    parent = target.parent if str(target.parent) else Path()
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        msg = f"Cannot create the folder {str(parent)!r} to write {target.name!r} into: {err.strerror}."
-        raise PermissionError(msg) from err
-    if not os.access(parent, os.W_OK):
-        msg = f"The folder {str(parent)!r} is not writable; choose another output path."
-        raise PermissionError(msg)
-    for stale in stale_temporaries(target):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.stfm-tmp-", dir=parent))
-    with _LOCK:
-        _ACTIVE.add(tmp)
-    try:
-        with _signals_cleanup():
-            yield tmp
-            replace_dir(tmp, target)
-    finally:
-        with _LOCK:
-            _ACTIVE.discard(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``: an existing ``target`` is renamed aside first and deleted only afterwards."""
-    aside = None
-    if target.exists():
-        aside = target.parent / f".{target.name}.stfm-old-{os.getpid()}"
-        if aside.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        target.rename(aside)
-    try:
-        new.rename(target)
-    except OSError:
-        if aside is not None:
-            aside.rename(target)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -106,10 +106,15 @@ def _load_builtins() -> None:
             importlib.import_module(module)
 
 
+def _ordered() -> list[str]:
+    """Registered keys: the built-ins in their fixed order, then the others in registration order."""
+    return [k for k in _BUILTIN if k in _REGISTRY] + [k for k in _REGISTRY if k not in _BUILTIN]
+
+
 def available_methods() -> list[str]:
-    """Registered method keys (built-ins first, in registration order)."""
+    """Registered method keys (built-ins first)."""
     _load_builtins()
-    return list(_REGISTRY)
+    return _ordered()
 
 
 def get_method(key: str) -> MethodSpec:
@@ -125,7 +130,7 @@ def get_method(key: str) -> MethodSpec:
         close = [k for k in _REGISTRY if k.startswith(key[:3].lower())]
         hint = f" Did you mean {close[0]!r}?" if close else ""
         msg = (
-            f"Unknown expression method {key!r}. Registered methods: {', '.join(repr(k) for k in _REGISTRY)} "
+            f"Unknown expression method {key!r}. Registered methods: {', '.join(repr(k) for k in _ordered())} "
             f"(see `stfm.model.list_methods()`).{hint}"
         )
         raise ValueError(msg)
@@ -166,6 +171,6 @@ def list_methods() -> pd.DataFrame:
             "supports": ", ".join(s.supports),
             "summary": s.summary,
         }
-        for s in _REGISTRY.values()
+        for s in (_REGISTRY[k] for k in _ordered())
     ]
     return pd.DataFrame(rows).set_index("key")

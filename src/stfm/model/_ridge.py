@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from anndata import AnnData
@@ -162,7 +162,6 @@ class RidgeProbe(ExpressionModelBase):
         *,
         smoothing: int | Sequence[int] | None = (0, 4, 8),
         selection_metric: Literal["mean", "raw", "composition"] = "mean",
-        **kwargs: Any,
     ) -> RidgeProbe:
         """Fit the probe; choose each head's penalty and the smoothing by leave-one-section-out.
 
@@ -172,16 +171,7 @@ class RidgeProbe(ExpressionModelBase):
             Candidate neighbour counts for smoothing (chosen on the out-of-fold predictions), or a fixed int.
         selection_metric
             Validation metric for the smoothing (see :func:`~stfm.model.validation_scores`).
-        **kwargs
-            Ignored training arguments of gradient-trained methods (``max_epochs``, ``validation_sections``, …)
-            are refused with a clear error.
         """
-        if kwargs:
-            msg = (
-                f"RidgeProbe is fitted in closed form; it does not take {sorted(kwargs)}. Its settings are "
-                "`n_components`, `alpha`, `alphas` and `target` (constructor) and `smoothing` (train)."
-            )
-            raise TypeError(msg)
         self.selection_metric_ = assert_one_of(selection_metric, ("mean", "raw", "composition"), name="selection_metric")
         t0 = time.perf_counter()
         arrays = self._training_arrays()

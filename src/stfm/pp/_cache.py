@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +17,12 @@ if TYPE_CHECKING:
     from ..encoders import ImageEncoder
     from ._inputs import Inputs
 
-__all__ = ["CACHE_VERSION", "cache_key", "cache_read", "cache_write"]
+__all__ = ["CACHE_SUFFIX", "CACHE_VERSION", "cache_key", "cache_read", "cache_write"]
 
 #: Bump when the crop/resample algorithm changes, so stale cache entries are never reused.
 CACHE_VERSION = "tiles-v2"  # v2: torch antialiased bicubic on the device (v1: PIL in the workers)
+#: Entry format: ``<key>.npz`` holding ``features`` and their blake2b ``digest`` (checked on every read).
+CACHE_SUFFIX = ".npz"
 
 
 def _weights_fingerprint(enc: ImageEncoder) -> str:
@@ -70,31 +72,35 @@ def cache_key(
     return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=20).hexdigest()
 
 
+def _digest(feats: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(feats).tobytes(), digest_size=16).hexdigest()
+
+
 def cache_read(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached features, or ``None`` when the entry is missing, unreadable, of another shape or corrupt (its
+    stored checksum does not match its contents): the caller then recomputes and rewrites it."""
     if not path.is_file():
         return None
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring unreadable feature cache entry %s (%s)", path, e)
+        with np.load(path, allow_pickle=False) as f:
+            arr, digest = f["features"], str(f["digest"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        logger.warning("ignoring unreadable feature cache entry %s (%s); recomputing", path, e)
         return None
     if arr.shape != shape or arr.dtype != np.float32:
+        return None
+    if _digest(arr) != digest:
+        logger.warning("feature cache entry %s is corrupt (checksum mismatch); recomputing", path)
         return None
     return arr
 
 
 def cache_write(path: Path, feats: np.ndarray) -> None:
-    import tempfile
+    """Write an entry atomically (temporary file + rename) with its checksum; a failed write only warns."""
+    from .._atomic import atomic_file
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, feats, allow_pickle=False)
-            Path(tmp).replace(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, features=feats, digest=np.asarray(_digest(feats)))
     except OSError as e:  # a read-only or full cache must not fail the computation
         logger.warning("could not write the feature cache %s (%s)", path, e)

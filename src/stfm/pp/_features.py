@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from .._logging import logger
 from .._provenance import record
 from .._settings import settings
 from .._validation import check_copy_inplace, check_positive, check_valid_key
-from ._cache import cache_key, cache_read, cache_write
+from ._cache import CACHE_SUFFIX, cache_key, cache_read, cache_write
 from ._inference import embed_tiles
 from ._inputs import DEFAULT_MPP, check_inside, inputs_anndata, inputs_spatialdata, resolve_table, warn
 
@@ -134,9 +135,9 @@ def extract_features(
     `.uns['stfm']['X_<encoder key>' | key_added]` : :class:`dict`
         Encoder provenance (key, source, revision, embed_dim, pooling, licence) plus `tile_px`, `mpp`
         (µm/px of the tiles), `encoder_mpp`, `slide_mpp`, `spot_scale`, `tile_um`, `crop_px`, `level`,
-        `image`, `image_key`, `library_id`, `n_tiles`, `n_tiles_padded`, `cache_hit`, `cache_key` (`None` with
-        `cache=False`),
-        `device`, `amp`, `malloc_tuned`.
+        `image` (a file's name, never its folder), `image_fingerprint` (a content hash of an image file),
+        `image_key`, `library_id`, `n_tiles`, `n_tiles_padded`, `cache_hit`, `cache_key` (`None` with
+        `cache=False`), `device`, `amp`, `malloc_tuned`.
 
     Examples
     --------
@@ -173,7 +174,7 @@ def extract_features(
         table = get_table(data)
         table_name, new_table = None, False
         inputs = inputs_anndata(
-            table, img=img, library_id=library_id, spatial_key=spatial_key, slide_mpp=slide_mpp, mpp=mpp
+            table, img=img, library_id=library_id, spatial_key=spatial_key, slide_mpp=slide_mpp, mpp=mpp, tile_px=tile_px
         )
 
     # 2. The encoder and the tile geometry.
@@ -206,7 +207,7 @@ def extract_features(
     # 3. Features: from the cache, or computed.
     # The key hashes the image and the weights: skipped when the cache is off.
     digest = cache_key(inputs, enc, dataset, tile_um=tile_um, enc_mpp=enc_mpp, spot_scale=spot_scale) if cache else None
-    cache_path = settings.cache_dir / "features" / f"{digest}.npy" if cache else None
+    cache_path = settings.cache_dir / "features" / f"{digest}{CACHE_SUFFIX}" if cache else None
     feats = cache_read(cache_path, (n, enc.embed_dim)) if cache_path is not None else None
     hit = feats is not None
     dev_used, amp_used, tuned = "none (cache)", False, False
@@ -235,7 +236,9 @@ def extract_features(
         "tile_um": tile_um,
         "crop_px": dataset.crop_px,
         "level": dataset.level,
-        "image": inputs.image,
+        # a file is named, never located (no home folders in shared files), and identified by its content
+        "image": Path(inputs.image).name if Path(inputs.image).is_absolute() else inputs.image,
+        "image_fingerprint": inputs.source.fingerprint() if Path(inputs.image).is_absolute() else "None",
         "library_id": inputs.library_id,
         "n_tiles": n,
         "n_tiles_padded": dataset.n_padded,

@@ -72,7 +72,14 @@ def _check_mpp(sf: dict[str, Any], meta: dict[str, Any], mpp_used: float, *, use
 
 
 def inputs_anndata(
-    adata: AnnData, *, img: Any, library_id: str | None, spatial_key: str, slide_mpp: float | None, mpp: float | None
+    adata: AnnData,
+    *,
+    img: Any,
+    library_id: str | None,
+    spatial_key: str,
+    slide_mpp: float | None,
+    mpp: float | None,
+    tile_px: int | None = None,
 ) -> Inputs:
     from ..data import ArraySource, open_image
 
@@ -126,10 +133,14 @@ def inputs_anndata(
                 lib,
                 "hires",
             )
+        tile_um = target * (tile_px or 224)  # the encoder's tile: most foundation models take 224 px
         msg = (
             f"No full-resolution image for library {lib!r}{missing}, and the hires image ({hires_mpp:.2f} µm/px) is too "
             f"coarse for tiles at {target:.2f} µm/px. Pass the full-resolution H&E as `img=` (array, PIL image or path), "
-            f"or set {where}['metadata']['source_image_path']."
+            f"or set {where}['metadata']['source_image_path']. To embed the hires image anyway, at the same physical "
+            f"tile size ({tile_um:.0f} µm) and its own resolution: `extract_features(adata, model, "
+            f"mpp={hires_mpp:.4g}, tile_px={max(1, round(tile_um / hires_mpp))})` (a fully convolutional encoder accepts "
+            "small tiles; the features describe a far coarser image than the encoder was trained on)."
         )
         raise ValueError(msg)
     msg = (

@@ -72,6 +72,41 @@ def _neighbour_pairs(coords: np.ndarray, radius: float) -> np.ndarray:
     return cKDTree(coords).query_pairs(radius, output_type="ndarray")
 
 
+def _check_shapes_name(sdata: Any, table: AnnData, name: str, key_added: str) -> None:
+    """Refuse a ``shapes_added`` that would replace another element or clash with one by case (SpatialData rule).
+
+    Only tumour polygons this function wrote before (recorded in the table's provenance) may be replaced.
+    """
+    from spatialdata.models import get_table_keys
+
+    elements = {**{k: "images" for k in sdata.images}, **{k: "labels" for k in sdata.labels},
+                **{k: "points" for k in sdata.points}, **{k: "shapes" for k in sdata.shapes},
+                **{k: "tables" for k in sdata.tables}}  # fmt: skip
+    case = [k for k in elements if k.lower() == name.lower() and k != name]
+    if case:
+        msg = (
+            f"`shapes_added`={name!r} differs only in case from the existing {elements[case[0]]} element {case[0]!r}; "
+            "SpatialData element names must be unique regardless of case. Pick another name (e.g. "
+            f"'{name}_tumor')."
+        )
+        raise ValueError(msg)
+    if name not in elements:
+        return
+    try:
+        region = get_table_keys(table)[0]
+    except (KeyError, ValueError, TypeError):
+        region = None
+    annotated = [region] if isinstance(region, str) else list(region or [])
+    ours = str(table.uns.get("stfm", {}).get(key_added, {}).get("shapes_added", "")) == name
+    if name in annotated or elements[name] != "shapes" or not ours:
+        what = "the spots the table annotates" if name in annotated else f"an existing {elements[name]} element"
+        msg = (
+            f"`shapes_added`={name!r} would replace {what} ({elements[name]}[{name!r}]). Pick a new name for the tumour "
+            f"polygons, e.g. '{name}_tumor'."
+        )
+        raise ValueError(msg)
+
+
 def detect_cancer_regions(
     data: AnnData | SpatialData,
     model: str | os.PathLike[str] | CancerClassifier | None = None,
@@ -179,6 +214,8 @@ def detect_cancer_regions(
             raise ValueError(msg)
     check_positive(boundary_distance, name="boundary_distance")
     table = get_table(data, table_key)
+    if shapes_added is not None:
+        _check_shapes_name(data, table, shapes_added, key_added)
     check_spatial(table, spatial_key, purpose="context and boundaries", where="query")
     if smooth and connectivity_key not in table.obsp:
         msg = f"`obsp[{connectivity_key!r}]` not found. Run `squidpy.gr.spatial_neighbors(adata)` first or pass `smooth=False`."

@@ -148,8 +148,8 @@ def fit_cancer_model(
 
     Returns
     -------
-    The trained classifier, with ``threshold_``, ``calibration_`` and ``validation_`` (per held-out section
-    AUC and counts) set.
+    The trained classifier, with ``threshold_``, ``calibration_`` and ``validation_`` set: per held-out section its
+    AUC, counts and ``trained_on``, the sections the fold model that scored it was trained on.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -211,7 +211,8 @@ def fit_cancer_model(
             if np.nansum(ytr == 1) == 0 or np.nansum(ytr == 0) == 0:
                 logger.warning("skipping validation fold %s: the other sections lack one class", vname)
                 continue
-            fold = _train_one(_token_table(train_secs, **tok_kw), **train_kw)
+            fold_tok = _token_table(train_secs, **tok_kw)
+            fold = _train_one(fold_tok, **train_kw)
             vtok = _token_table([(vname, vt)], **tok_kw)
             logits = fold.predict_logits(vtok)
             y = label_to_target(vt.obs[label_key], positive, ignore)
@@ -219,7 +220,8 @@ def fit_cancer_model(
             val_labels.append(y)
             keep = np.isfinite(y)
             auc = float(roc_auc_score(y[keep], logits[keep])) if np.unique(y[keep]).size == 2 else float("nan")
-            per_section[vname] = {"auc": auc, "n_spots": int(keep.sum()), "n_positive": int(np.nansum(y == 1))}
+            per_section[vname] = {"auc": auc, "n_spots": int(keep.sum()), "n_positive": int(np.nansum(y == 1)),
+                                  "trained_on": sorted(pd.unique(fold_tok.obs[section_key].astype(str)))}  # fmt: skip
     elif validation == "sections":
         warnings.warn(
             "Only one reference section: the threshold is chosen on a random 25% of its spots (not a held-out section); "

@@ -116,14 +116,23 @@ def select_genes(
 # --------------------------------------------------------------------------------------------------
 # fitting
 # --------------------------------------------------------------------------------------------------
-def _accepted(func: Any) -> set[str]:
-    params = inspect.signature(func).parameters
-    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in {"self", "cls", "adata", "registry"}}
+def _accepted(cls: type, name: str) -> set[str]:
+    """Keyword parameters of ``cls.<name>``, following ``**kwargs`` up the MRO (an override passing them on)."""
+    out: set[str] = set()
+    for klass in cls.__mro__:
+        if name not in vars(klass):
+            continue
+        func = vars(klass)[name]
+        params = inspect.signature(getattr(func, "__func__", func)).parameters
+        out |= {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()) or klass.__module__.startswith("scvi"):
+            break
+    return out - {"self", "cls", "adata", "registry"}
 
 
 def _dispatch(cls: type, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Route method-specific keyword arguments to ``setup_anndata``, the constructor or ``train`` by signature."""
-    targets = {"setup": _accepted(cls.setup_anndata), "model": _accepted(cls.__init__), "train": _accepted(cls.train)}
+    targets = {"setup": _accepted(cls, "setup_anndata"), "model": _accepted(cls, "__init__"), "train": _accepted(cls, "train")}
     out: dict[str, dict[str, Any]] = {"setup": {}, "model": {}, "train": {}}
     unknown = []
     for name, value in kwargs.items():
