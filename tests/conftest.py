@@ -87,3 +87,19 @@ def sections_with_features(sections=IMAGE_SECTIONS, model: str = "efficientnet_l
 def her2st_features():
     """B4 and C2–C6 with ``obsm['X_efficientnet_lite0']`` (real ImageNet weights), one copy per test."""
     return sections_with_features()
+
+
+# Property-based tests (hypothesis): a bounded, deterministic profile so the fuzz suite fits the CI budget;
+# `HYPOTHESIS_PROFILE=deep` explores more.
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile(
+        "ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )  # fmt: skip
+    _hyp_settings.register_profile("deep", max_examples=1000, deadline=None)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass

@@ -401,10 +401,10 @@ def test_features_match_independently_cut_tiles(b4, lite0, b4_image):
 
     ad = _subset(b4, 24)
     stfm.pp.extract_features(ad, lite0, cache=False)
-    side = int(round(112.0 / ad.uns["stfm"][KEY]["slide_mpp"]))  # 112 µm at the slide's µm/px
+    side = round(112.0 / ad.uns["stfm"][KEY]["slide_mpp"])  # 112 µm at the slide's µm/px
     tiles = []
     for x, y in ad.obsm["spatial"]:
-        x0, y0 = int(round(x - side / 2)), int(round(y - side / 2))
+        x0, y0 = round(x - side / 2), round(y - side / 2)
         crop = np.ascontiguousarray(b4_image[y0 : y0 + side, x0 : x0 + side])
         tiles.append(np.asarray(Image.fromarray(crop).resize((224, 224), Image.Resampling.BICUBIC)))
     with torch.inference_mode():
@@ -427,11 +427,11 @@ def test_spot_scale_cuts_tiles_in_spot_diameters(b4, lite0, b4_image):
     sf = ad.uns["spatial"]["B4"]["scalefactors"]
     side_px = 1.5 * sf["spot_diameter_fullres"]
     assert prov["spot_scale"] == 1.5 and prov["tile_um"] == pytest.approx(side_px * sf["microns_per_pixel"])
-    assert prov["crop_px"] == int(round(side_px))
-    side = int(round(side_px))
+    assert prov["crop_px"] == round(side_px)
+    side = round(side_px)
     tiles = []
     for x, y in ad.obsm["spatial"]:
-        x0, y0 = int(round(x - side / 2)), int(round(y - side / 2))
+        x0, y0 = round(x - side / 2), round(y - side / 2)
         crop = np.ascontiguousarray(b4_image[y0 : y0 + side, x0 : x0 + side])
         tiles.append(np.asarray(Image.fromarray(crop).resize((224, 224), Image.Resampling.BICUBIC)))
     with torch.inference_mode():

@@ -115,8 +115,11 @@ def test_h5ad_and_zarr_round_trips_keep_every_slot(tmp_path):
     _assert_same_slots(adata, back)
     assert back.uns["spatial"]["B4"]["images"]["hires"].shape == adata.uns["spatial"]["B4"]["images"]["hires"].shape
 
-    sdata = stfm.io.to_spatialdata(adata)
-    assert {"B4_hires_image"} <= set(sdata.images) and "B4" in sdata.shapes
+    sdata = stfm.io.to_spatialdata(back)  # from the h5ad copy: the full-resolution image is found again
+    assert {"B4_hires_image", "B4_full_image"} <= set(sdata.images) and "B4" in sdata.shapes
+    full = sdata.images["B4_full_image"]["scale0"]["image"]
+    assert full.shape == (3, *back.uns["spatial"]["B4"]["metadata"]["fullres_shape"])
+    assert "B4_full_image" not in stfm.io.to_spatialdata(back, fullres_image=False).images
     sdata.write(tmp_path / "b4.zarr")
     again = stfm.io.to_anndata(sd.read_zarr(tmp_path / "b4.zarr"))
     _assert_same_slots(adata, again)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -105,7 +106,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path):
 
 
 def test_shapes_added_never_replaces_another_element():
-    sdata = stfm.datasets.synthetic_st(n_sections=2, n_patients=1, grid=(6, 5), n_genes=10, as_spatialdata=True)
+    sdata = stfm.datasets.synthetic_st(n_sections=2, n_patients=1, grid=(6, 5), n_genes=20, as_spatialdata=True)
     kw = {"method": "signature", "gene_list": ["G0", "G1", "G2", "G3"], "table_key": "table"}
     with pytest.raises(ValueError, match=r"`shapes_added`='S0' would replace the spots the table annotates"):
         stfm.tl.detect_cancer_regions(sdata, shapes_added="S0", **kw)
@@ -117,3 +118,70 @@ def test_shapes_added_never_replaces_another_element():
     stfm.tl.detect_cancer_regions(sdata, shapes_added="tumour", **kw)
     assert "tumour" in sdata.shapes
     stfm.tl.detect_cancer_regions(sdata, shapes_added="tumour", **kw)  # its own polygons may be replaced
+
+
+@needs_her2st
+def test_transposed_coordinates_warn(lite0):
+    b4 = load_section("B4")
+    sub = b4[np.linspace(0, b4.n_obs - 1, 40).astype(int)].copy()
+    swapped = sub.copy()
+    swapped.obsm["spatial"] = swapped.obsm["spatial"][:, ::-1].copy()  # still inside the 9272 × 9923 image
+    with pytest.warns(UserWarning, match=r"sit on tissue.*would with x and y swapped.*\(y, x\)"):
+        stfm.pp.extract_features(swapped, lite0, cache=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        stfm.pp.extract_features(sub, lite0, cache=False)  # the right way round: no warning
+
+
+# ---------------------------------------------------------------------------------------------------------
+# deep tracebacks before: each is an stfm message now
+# ---------------------------------------------------------------------------------------------------------
+def test_signature_on_a_panel_too_small_for_control_genes():
+    a = stfm.datasets.synthetic_st(n_sections=1, n_patients=1, grid=(6, 5), n_genes=6)
+    with pytest.raises(ValueError, match=r"only 2 other genes.*at least 8 genes besides the signature"):
+        stfm.tl.detect_cancer_regions(a, method="signature", gene_list=["G0", "G1", "G2", "G3"])
+
+
+@pytest.mark.parametrize("method", ["zinb", "ridge", "retrieval"])
+def test_load_with_a_section_never_seen_in_training(method, tmp_path):
+    cohort = stfm.datasets.synthetic_st(n_sections=3, n_patients=1, grid=(6, 5), n_genes=10)
+    train = cohort[cohort.obs["section"] != "S2"].copy()
+    kw = {} if method == "ridge" else {"max_epochs": 2}
+    model = stfm.tl.fit_expression(train, method=method, embedding_key="X_synthetic", n_top_genes=6, **kw)
+    model.save(tmp_path / "m")
+    query = cohort[cohort.obs["section"] == "S2", model.genes].copy()
+    back = type(model).load(tmp_path / "m", adata=query)
+    np.testing.assert_allclose(back.predict(), model.predict(query), rtol=1e-5)
+
+
+def test_nan_coordinates_are_named(lite0):
+    a = stfm.datasets.synthetic_st(n_sections=1, n_patients=1, grid=(5, 4), n_genes=5)
+    a.obsm["spatial"] = a.obsm["spatial"].copy()
+    a.obsm["spatial"][2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf coordinates for 1 of 20 spots \(e.g. \['S0_2'\]\)"):
+        stfm.pp.extract_features(a, lite0, img=np.full((1200, 1200, 3), 200, np.uint8), slide_mpp=1.0)
+    with pytest.raises(ValueError, match="NaN or inf coordinates"):
+        stfm.tl.detect_cancer_regions(a, method="signature", gene_list=["G0", "G1"])
+
+
+def test_view_anndata_setup_works_and_explains_a_loaded_model(tmp_path):
+    a = stfm.datasets.synthetic_st(n_sections=2, n_patients=1, grid=(5, 4), n_genes=6)
+    model = stfm.tl.fit_expression(a, method="ridge", embedding_key="X_synthetic", n_top_genes=4)
+    model.view_anndata_setup()  # scvi-tools 1.4 alone fails here: `rich.pretty` is used without being imported
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="loaded without its training data.*pass `adata=`"):
+        stfm.model.load_model(tmp_path / "m").view_anndata_setup()
+
+
+def test_encoder_suggestions():
+    with pytest.raises(KeyError, match=r"Unknown encoder 'UNI2-h'\. Did you mean 'uni2_h'\?"):
+        stfm.encoders.get_card("UNI2-h")
+    with pytest.raises(KeyError, match=r"Did you mean 'h_optimus_1'"):
+        stfm.encoders.get_card("bioptimus/H-optimus-1")
+    with pytest.raises(KeyError, match=r"neither a card key nor a timm model name\. Did you mean 'uni2_h'\?"):
+        stfm.encoders.load_encoder("UNI2-h")
+    a = stfm.datasets.synthetic_st(n_sections=1, n_patients=1, grid=(4, 4), n_genes=5)
+    with pytest.raises(KeyError, match=r"extract_features\(adata, 'efficientnet_lite0', key_added='X_efficientnet'\)"):
+        stfm.tl.fit_expression(a, embedding_key="X_efficientnet")
+    with pytest.raises(KeyError, match=r"extract_features\(adata, 'uni2_h'\)` \(it writes `obsm\['X_uni2_h'\]`\)"):
+        stfm.tl.fit_expression(a, embedding_key="X_uni2_h")

@@ -472,12 +472,31 @@ def get_card(key: str) -> EncoderCard:
     try:
         return _REGISTRY[key]
     except KeyError:
+        close = closest_card(key)
+        hint = f" Did you mean {close!r}?" if close else ""
         msg = (
-            f"Unknown encoder {key!r}. Known keys: {_known()}. Any timm model name (e.g. 'resnet18' or "
+            f"Unknown encoder {key!r}.{hint} Known keys: {_known()}. Any timm model name (e.g. 'resnet18' or "
             "'hf-hub:org/name') also works with `stfm.encoders.load_encoder`, and "
             "`stfm.encoders.register_encoder(EncoderCard(...))` adds a card."
         )
         raise KeyError(msg) from None
+
+
+def closest_card(name: str) -> str | None:
+    """The card key ``name`` most likely means: the same key spelled the hub way (``'UNI2-h'`` → ``'uni2_h'``), a
+    card's hub id or its repository name (``'MahmoodLab/UNI2-h'``), else the closest key by spelling."""
+    import difflib
+
+    def norm(s: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", s.lower())
+
+    n = norm(name.split("/")[-1].removeprefix("hf-hub:"))
+    for key, card in _REGISTRY.items():
+        hub = card.hub_id or ""
+        if n in {norm(key), norm(hub), norm(hub.split("/")[-1])} and n:
+            return key
+    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def list_encoders():

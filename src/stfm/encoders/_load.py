@@ -549,8 +549,12 @@ def load_encoder(
         elif _is_timm_name(model):
             enc = _from_timm_name(model, model_path=model_path, revision=revision, transform=tf)
         else:
+            from ._cards import closest_card
+
+            close = closest_card(model)
+            hint = f" Did you mean {close!r}?" if close else ""
             msg = (
-                f"Unknown encoder {model!r}: it is neither a card key nor a timm model name. Known keys: {_known()}. "
+                f"Unknown encoder {model!r}: it is neither a card key nor a timm model name.{hint} Known keys: {_known()}. "
                 "Any timm model name ('resnet18', 'hf-hub:org/name') or an nn.Module with `transform=` also works."
             )
             raise KeyError(msg)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
 from .._containers import get_library_id, get_table
 from .._validation import check_spatial, check_unique_name, check_valid_key
-from ._images import downsample
+from ._images import downsample, read_image
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -25,7 +26,7 @@ def to_spatialdata(
     adata: AnnData,
     *,
     library_id: str | None = None,
-    fullres_image: np.ndarray | None = None,
+    fullres_image: np.ndarray | Literal[False] | None = None,
     table_key: str = "table",
     spatial_key: str = "spatial",
 ) -> SpatialData:
@@ -33,8 +34,9 @@ def to_spatialdata(
 
     Elements (``lib`` = ``library_id``, also the name of the full-resolution coordinate system):
 
-    - ``images[f'{lib}_full_image']``: multiscale full-resolution image, when ``fullres_image`` is given
-      (``(height, width, 3)`` uint8);
+    - ``images[f'{lib}_full_image']``: multiscale full-resolution image: ``fullres_image`` (``(height, width, 3)``
+      uint8) or, when it is ``None``, the file named by ``uns['spatial'][lib]['metadata']['source_image_path']``
+      if it exists (so an AnnData read back from h5ad keeps its image); ``False`` leaves it out;
     - ``images[f'{lib}_hires_image']``: ``uns['spatial'][lib]['images']['hires']``, scaled into ``lib``;
     - ``shapes[lib]``: spot circles at ``obsm[spatial_key]`` with radius ``spot_diameter_fullres / 2``;
     - ``tables[table_key]``: ``adata`` itself (``X``, ``layers``, ``obs``, ``obsm``, ``uns['stfm']`` … kept),
@@ -66,7 +68,10 @@ def to_spatialdata(
     diameter = float(sf.get("spot_diameter_fullres", 1.0))
 
     images = {}
-    if fullres_image is not None:
+    source = spatial.get("metadata", {}).get("source_image_path")
+    if fullres_image is None and source is not None and Path(str(source)).is_file():
+        fullres_image = read_image(source)
+    if fullres_image is not None and fullres_image is not False:
         images[f"{lib}_full_image"] = Image2DModel.parse(
             np.moveaxis(np.asarray(fullres_image), -1, 0),
             dims=("c", "y", "x"),

@@ -283,6 +283,10 @@ def _read_counts(path: Path, duplicate_genes: str) -> tuple[sparse.csr_matrix, p
         raise ValueError(msg)
     X = sparse.csr_matrix(values.astype(np.int32))
     obs_names = pd.Index(table.index.astype(str)).rename(None)
+    if obs_names.duplicated().any():
+        dup = list(obs_names[obs_names.duplicated()][:3])
+        msg = f"Counts file {str(path)!r} lists spots {dup} more than once; each spot must have one row."
+        raise ValueError(msg)
     n_dup = int(genes.duplicated().sum())
     if n_dup and duplicate_genes == "sum":
         codes, uniques = pd.factorize(genes)
@@ -302,11 +306,31 @@ def _read_spots(path: Path) -> pd.DataFrame:
     if not need.issubset(table.columns):
         msg = f"Spot file {str(path)!r} lacks columns {sorted(need - set(table.columns))}; expected {sorted(need)}."
         raise ValueError(msg)
-    table = table[table["selected"] == 1]
+    numeric = table[sorted(need)].apply(pd.to_numeric, errors="coerce")
+    bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64)).all(axis=1)
+    table = table[(numeric["selected"] == 1).to_numpy()]
+    bad = bad[(numeric["selected"] == 1).to_numpy()]
     if table.empty:
         msg = f"Spot file {str(path)!r} selects no spot (no row has selected == 1); nothing lies under tissue."
         raise ValueError(msg)
+    if bad.any():
+        rows = [int(i) + 2 for i in np.flatnonzero(bad)[:3]]  # file line numbers (after the header)
+        msg = (
+            f"Spot file {str(path)!r} has missing or non-numeric values in {int(bad.sum())} selected rows (e.g. lines "
+            f"{rows}); every column of {sorted(need)} must be a number."
+        )
+        raise ValueError(msg)
+    table = table.copy()
+    for col in need:
+        table[col] = pd.to_numeric(table[col])
     table.index = table["x"].astype(int).astype(str) + "x" + table["y"].astype(int).astype(str)
+    if table.index.duplicated().any():
+        same = table.reset_index().drop_duplicates().set_index("index")
+        if same.index.duplicated().any():
+            dup = list(same.index[same.index.duplicated()][:3])
+            msg = f"Spot file {str(path)!r} gives spots {dup} twice with different positions; each spot must have one row."
+            raise ValueError(msg)
+        table = same.rename_axis(None)
     return table
 
 

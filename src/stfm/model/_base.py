@@ -145,7 +145,13 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
             *cls._extra_fields(adata, args),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
+        scvi_log = logging.getLogger("scvi")
+        level = scvi_log.level
+        scvi_log.setLevel(max(level, logging.WARNING))  # scvi logs every field at info level ("column names …")
+        try:
+            manager.register_fields(adata, **kwargs)
+        finally:
+            scvi_log.setLevel(level)
         cls.register_manager(manager)
 
     @classmethod

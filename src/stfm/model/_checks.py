@@ -18,7 +18,14 @@ __all__ = ["check_counts", "check_embedding", "pool_neighbors", "recorded_encode
 # input checks shared with the tools
 # --------------------------------------------------------------------------------------------------
 def _encoder_from_key(embedding_key: str) -> str:
-    return embedding_key[2:] if embedding_key.startswith("X_") else embedding_key
+    """The encoder key an embedding key names (``'X_uni2_h'`` → ``'uni2_h'``), or the closest registered one, or a
+    placeholder when none is close: never a name that is no encoder."""
+    from ..encoders._cards import _REGISTRY, closest_card
+
+    name = embedding_key[2:] if embedding_key.startswith("X_") else embedding_key
+    if name in _REGISTRY:
+        return name
+    return closest_card(name) or "<encoder key, see stfm.encoders.list_encoders()>"
 
 
 def recorded_encoder(adata: AnnData, embedding_key: str) -> str | None:
@@ -35,14 +42,11 @@ def check_embedding(adata: AnnData, embedding_key: str, *, n_dims: int | None = 
     """Return ``obsm[embedding_key]`` as float32 after checking it exists, is 2-D, finite and of the expected width."""
     if embedding_key not in adata.obsm:
         enc = _encoder_from_key(embedding_key)
+        writes_it = embedding_key == f"X_{enc}"
         msg = (
             f"`adata.obsm[{embedding_key!r}]` not found (available: {sorted(adata.obsm.keys())}). Compute the "
-            f"embedding first with `stfm.pp.extract_features(adata, {enc!r})`"
-            + (
-                f" (it writes `obsm[{embedding_key!r}]`)."
-                if embedding_key.startswith("X_")
-                else f", key_added={embedding_key!r})."
-            )
+            f"embedding first with `stfm.pp.extract_features(adata, {enc!r}"
+            + (f")` (it writes `obsm[{embedding_key!r}]`)." if writes_it else f", key_added={embedding_key!r})`.")
         )
         raise KeyError(msg)
     emb = adata.obsm[embedding_key]

@@ -201,6 +201,22 @@ class SafeSaveLoadMixin:
     #: module buffers whose size depends on the training data (resized from the saved state on load)
     _resizable_buffers: tuple[str, ...] = ()
 
+    def view_anndata_setup(self, adata: Any = None, hide_state_registries: bool = False) -> None:  # noqa: FBT001, FBT002 (scvi's signature)
+        """scvi-tools' summary of the registered fields (``adata``: a query registered the same way).
+
+        Works around scvi-tools 1.4 calling ``rich.pretty`` without importing it; a model loaded without data
+        needs ``adata``.
+        """
+        import rich.pretty  # noqa: F401  (imported for its side effect: scvi uses `rich.pretty` unimported)
+
+        if adata is None and getattr(self, "adata_manager", None) is None:
+            msg = (
+                f"This {type(self).__name__} was loaded without its training data, so there is no registered AnnData "
+                "to show; pass `adata=` (registered with `setup_anndata`) or look at `model.registry_`."
+            )
+            raise ValueError(msg)
+        return super().view_anndata_setup(adata=adata, hide_state_registries=hide_state_registries)
+
     def _attributes(self) -> dict[str, Any]:
         out = {}
         for name, value in vars(self).items():
@@ -257,7 +273,8 @@ class SafeSaveLoadMixin:
                     f"{adata.n_vars} given, order must match). Subset first: `adata[:, stfm.get.model_genes(model)]`."
                 )
                 raise ValueError(msg)
-            cls.setup_anndata(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
+            # a query may hold sections (categories) the model never saw: extend them rather than refuse
+            cls.setup_anndata(adata, source_registry=registry, extend_categories=True, **registry[_SETUP_ARGS_KEY])
             model = cls(adata, **kwargs)
         else:
             model = cls(None, registry=registry, **kwargs)

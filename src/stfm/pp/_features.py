@@ -15,7 +15,15 @@ from .._settings import settings
 from .._validation import check_copy_inplace, check_positive, check_valid_key
 from ._cache import CACHE_SUFFIX, cache_key, cache_read, cache_write
 from ._inference import embed_tiles
-from ._inputs import DEFAULT_MPP, check_inside, inputs_anndata, inputs_spatialdata, resolve_table, warn
+from ._inputs import (
+    DEFAULT_MPP,
+    check_inside,
+    check_orientation,
+    inputs_anndata,
+    inputs_spatialdata,
+    resolve_table,
+    warn,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -212,6 +220,7 @@ def extract_features(
     hit = feats is not None
     dev_used, amp_used, tuned = "none (cache)", False, False
     if feats is None:
+        check_orientation(inputs)  # (a cache hit has the same coordinates: they were checked when it was computed)
         feats, dev_used, amp_used, tuned = embed_tiles(
             enc, dataset, batch_size=batch_size, num_workers=num_workers, amp=amp, progress=progress
         )

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from ..data import ImageSource
 
-__all__ = ["DEFAULT_MPP", "Inputs", "check_inside", "image_source", "inputs_anndata", "inputs_spatialdata", "resolve_table", "warn"]
+__all__ = ["DEFAULT_MPP", "Inputs", "check_inside", "check_orientation", "image_source", "inputs_anndata", "inputs_spatialdata", "resolve_table", "warn"]
 
 DEFAULT_MPP = 0.5
 
@@ -330,6 +330,42 @@ def image_source(element: Any, name: str) -> ImageSource:
         names = sorted(element.keys(), key=lambda k: int("".join(c for c in str(k) if c.isdigit()) or 0))
         levels = [element[k]["image"] if "image" in element[k] else next(iter(element[k].values())) for k in names]
     return LazyArraySource([lvl.transpose("c", "y", "x") for lvl in levels], axes="cyx", description=name)
+
+
+def check_orientation(inputs: Inputs, *, what: str = "obsm['spatial']") -> float | None:
+    """Warn when the spots would sit on tissue far more often with x and y swapped (a transposed ``obsm['spatial']``).
+
+    Detectable only when both placements fall inside the image: the tissue mask (:func:`stfm.data.detect_tissue` on
+    a thumbnail) is read at each spot centre, as given and transposed. Returns the fraction of spots on tissue as
+    given (``None`` when the check could not run).
+    """
+    from ..data import detect_tissue
+
+    h, w = inputs.source.shape
+    xy = inputs.xy
+    if len(xy) < 10 or not np.isfinite(xy).all():
+        return None
+    sw = xy[:, ::-1]
+    if (sw[:, 0] < 0).any() or (sw[:, 1] < 0).any() or (sw[:, 0] >= w).any() or (sw[:, 1] >= h).any():
+        return None  # the transposed placement leaves the image: nothing to compare
+    try:
+        mask, ds = detect_tissue(inputs.source, slide_mpp=inputs.slide_mpp, max_px=1024)
+    except (ValueError, RuntimeError):
+        return None
+
+    def on_tissue(p: np.ndarray) -> float:
+        r = np.clip((p[:, 1] / ds).astype(int), 0, mask.shape[0] - 1)
+        c = np.clip((p[:, 0] / ds).astype(int), 0, mask.shape[1] - 1)
+        return float(mask[r, c].mean())
+
+    given, swapped = on_tissue(xy), on_tissue(sw)
+    if given < 0.5 and swapped - given > 0.3:
+        warn(
+            f"Only {given:.0%} of the spots sit on tissue in {inputs.image!r}, but {swapped:.0%} would with x and y "
+            f"swapped: {what} may hold (y, x). It must hold (x, y) in image pixels; swap the columns with "
+            "`adata.obsm['spatial'] = adata.obsm['spatial'][:, ::-1]` if so."
+        )
+    return given
 
 
 def check_inside(inputs: Inputs) -> None:

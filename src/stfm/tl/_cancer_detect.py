@@ -47,7 +47,23 @@ def _signature_scores(adata: AnnData, genes: Sequence[str], layer: str | None, s
     tmp = AnnData(sparse.csr_matrix(logged), obs=pd.DataFrame(index=adata.obs_names.astype(str)))
     tmp.var_names = adata.var_names.astype(str)
     tmp = tmp[:, ~tmp.var_names.duplicated()].copy()
-    sc.tl.score_genes(tmp, present, score_name="_sig", random_state=seed, use_raw=False)
+    n_other = tmp.n_vars - len(set(present))
+    if n_other < 2 * len(set(present)):
+        msg = (
+            f"The signature score compares {len(set(present))} signature genes with expression-matched control genes "
+            f"(as scanpy.tl.score_genes), but the panel has only {n_other} other genes. Use a panel with at least "
+            f"{2 * len(set(present))} genes besides the signature (the full measured or predicted transcriptome is "
+            "best), or a shorter `gene_list`."
+        )
+        raise ValueError(msg)
+    try:
+        sc.tl.score_genes(tmp, present, score_name="_sig", random_state=seed, use_raw=False)
+    except RuntimeError as err:  # scanpy: "No control genes found in any cut"
+        msg = (
+            f"The signature score found no expression-matched control genes among the panel's {n_other} other genes "
+            f"({err}). Use a larger panel (the full transcriptome is best) or a shorter `gene_list`."
+        )
+        raise ValueError(msg) from err
     raw = tmp.obs["_sig"].to_numpy(dtype=np.float64)
     # label-free cut: Otsu's two-class split of the raw score; the [0, 1] score is a logistic around it
     t = _otsu(raw)

@@ -1,0 +1,111 @@
+"""Faults: a writer killed (SIGKILL, SIGTERM) mid-write leaves the old complete target or the new complete one.
+
+Each writer runs in a child process that rewrites one target in a loop (alternating two versions); the test kills
+it at a random moment, then reads the target back. SIGTERM removes the temporary folder on its way out; after a
+SIGKILL the next write of the same target removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import stfm
+from stfm._atomic import stale_temporaries
+
+CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np, stfm, warnings
+    warnings.simplefilter("ignore")
+    kind, target = sys.argv[1], sys.argv[2]
+    cohort = stfm.datasets.synthetic_st(n_sections=2, n_patients=1, grid=(12, 10), n_genes=40)
+    if kind == "model":
+        objs = [stfm.tl.fit_expression(cohort, method="ridge", embedding_key="X_synthetic", n_top_genes=n) for n in (20, 30)]
+        write = lambda o: o.save(target, overwrite=True)
+    elif kind == "zarr":
+        objs = []
+        for tag in "AB":
+            s = stfm.datasets.synthetic_st(n_sections=2, n_patients=1, grid=(12, 10), n_genes=40, as_spatialdata=True)
+            s.tables["table"].uns["version"] = tag
+            objs.append(s)
+        write = lambda o: stfm.io.write_zarr(o, target, overwrite=True)
+    elif kind == "h5ad":
+        objs = []
+        for tag in "AB":
+            a = cohort.copy(); a.uns["version"] = tag; objs.append(a)
+        write = lambda o: stfm.io.write_h5ad(o, target)
+    elif kind == "cache":
+        from pathlib import Path
+        from stfm.pp._cache import cache_write
+        objs = [np.full((2000, 256), v, np.float32) for v in (1.0, 2.0)]
+        write = lambda o: cache_write(Path(target), o)
+    write(objs[0])
+    print("ready", flush=True)
+    i = 1
+    while True:
+        write(objs[i % 2]); i += 1
+    """
+)
+
+
+def _read(kind, target):
+    """The version found at ``target`` (0 or 1); raises if it is missing or unreadable."""
+    if kind == "model":
+        return {20: 0, 30: 1}[len(stfm.model.load_model(target).genes)]
+    if kind == "zarr":
+        import spatialdata as sd
+
+        return "AB".index(str(sd.read_zarr(target).tables["table"].uns["version"]))
+    if kind == "h5ad":
+        import anndata as ad
+
+        return "AB".index(str(ad.read_h5ad(target).uns["version"]))
+    from stfm.pp._cache import cache_read
+
+    arr = cache_read(target, (2000, 256))
+    assert arr is not None, "the cache entry is unreadable"
+    return {1.0: 0, 2.0: 1}[float(arr[0, 0])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["model", "zarr", "h5ad", "cache"])
+def test_killed_writers_leave_a_complete_target(kind, tmp_path):
+    target = tmp_path / {"model": "m", "zarr": "s.zarr", "h5ad": "a.h5ad", "cache": "f.npz"}[kind]
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    rng = np.random.default_rng(0)
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen([sys.executable, str(script), kind, str(target)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+        for line in proc.stdout:  # libraries may print first
+            if line.strip() == "ready":
+                break
+        else:
+            pytest.fail(f"the {kind} writer never finished its first write (exit {proc.wait()})")
+        time.sleep(float(rng.uniform(0.05, 0.6)))  # somewhere inside a later write
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == -sig
+        assert _read(kind, target) in (0, 1)  # old complete or new complete, never half
+        if sig == signal.SIGTERM:
+            assert stale_temporaries(target) == [], "SIGTERM must clean the temporary up"
+    # after a SIGKILL a temporary may be left behind: the next write of the target removes it
+    if kind == "model":
+        stfm.tl.fit_expression(stfm.datasets.synthetic_st(n_sections=2, n_patients=1, n_genes=40), method="ridge",
+                               embedding_key="X_synthetic", n_top_genes=20).save(target, overwrite=True)  # fmt: skip
+    elif kind == "h5ad":
+        stfm.io.write_h5ad(stfm.datasets.synthetic_st(n_sections=1, n_patients=1, n_genes=5), target)
+    elif kind == "zarr":
+        stfm.io.write_zarr(stfm.datasets.synthetic_st(n_sections=1, n_patients=1, n_genes=5, as_spatialdata=True),
+                           target, overwrite=True)  # fmt: skip
+    else:
+        from stfm.pp._cache import cache_write
+
+        cache_write(target, np.zeros((2000, 256), np.float32))
+    assert stale_temporaries(target) == []
