@@ -106,7 +106,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path):
 
 
 def test_shapes_added_never_replaces_another_element():
-    sdata = stfm.datasets.synthetic_st(n_sections=2, n_patients=1, grid=(6, 5), n_genes=20, as_spatialdata=True)
+    sdata = stfm.datasets.synthetic_st(n_sections=2, n_patients=1, grid=(6, 5), n_genes=60, as_spatialdata=True)
     kw = {"method": "signature", "gene_list": ["G0", "G1", "G2", "G3"], "table_key": "table"}
     with pytest.raises(ValueError, match=r"`shapes_added`='S0' would replace the spots the table annotates"):
         stfm.tl.detect_cancer_regions(sdata, shapes_added="S0", **kw)
