@@ -185,10 +185,11 @@ def test_early_stopping_on_elbo(feats):
     np.testing.assert_allclose(hist["score"].to_numpy(), -elbo[: len(hist)], rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["zinb", "ridge", "retrieval"])
+@pytest.mark.parametrize("method", ["zinb", "ridge", "retrieval", "hetero_graph"])
 def test_quality_floor_within_patient_c(method):
     """Trained on C2–C5, scored on C6 (patient C only; B4 is never used to choose anything). Floors sit below
-    what each method scores today (raw / composition: zinb 0.58 / 0.29, ridge 0.57 / 0.33, retrieval 0.60 / 0.31)."""
+    what each method scores today (raw / composition: zinb 0.58 / 0.29, ridge 0.57 / 0.33, retrieval 0.60 / 0.31,
+    hetero_graph 0.58 / 0.35)."""
     f = sections_with_features(("C2", "C3", "C4", "C5", "C6"))
     model = stfm.tl.fit_expression([f[s] for s in ("C2", "C3", "C4", "C5")], method=method, embedding_key=EMB,
                                    n_top_genes=50, seed=0)  # fmt: skip

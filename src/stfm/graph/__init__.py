@@ -18,6 +18,7 @@ __getattr__, __dir__, __all__ = attach(
         "radius_graph": "_geometry",
         "radius_pairs": "_geometry",
         "smoothing_matrix": "_geometry",
+        "spatial_blocks": "_geometry",
         "ring_radii": "_context",
         "pool_context": "_context",
         "pool_context_reference": "_context",

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import sparse
 
 __all__ = [
+    "spatial_blocks",
     "knn_graph",
     "knn_indices",
     "radius_graph",
@@ -189,3 +190,36 @@ def smoothing_matrix(coords: np.ndarray, k: int, *, groups: np.ndarray | None = 
     w.sum_duplicates()
     deg = np.asarray(w.sum(1)).ravel()
     return sparse.diags(1.0 / deg) @ w
+
+
+def spatial_blocks(coords: np.ndarray, block_size: int, halo: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split spots into square spatial blocks of about ``block_size`` spots, each with a halo.
+
+    Returns ``(core, members)`` index arrays per block: ``core`` are the spots the block is responsible for (every
+    spot is in exactly one core), ``members`` the core plus every spot within ``halo`` (coordinate units) of the
+    block's square, so a model with a receptive field of ``halo`` sees the same neighbourhood for the core spots as
+    on the whole section. One block when there are at most ``block_size`` spots.
+    """
+    xy = _coords(coords)
+    n = xy.shape[0]
+    if n <= block_size:
+        idx = np.arange(n)
+        return [(idx, idx)]
+    lo, hi = xy.min(0), xy.max(0)
+    n_side = int(np.ceil(np.sqrt(n / max(block_size, 1))))
+    edges_x = np.linspace(lo[0], hi[0], n_side + 1)
+    edges_y = np.linspace(lo[1], hi[1], n_side + 1)
+    bx = np.clip(np.searchsorted(edges_x, xy[:, 0], side="right") - 1, 0, n_side - 1)
+    by = np.clip(np.searchsorted(edges_y, xy[:, 1], side="right") - 1, 0, n_side - 1)
+    out = []
+    for i in range(n_side):
+        for j in range(n_side):
+            core = np.flatnonzero((bx == i) & (by == j))
+            if core.size == 0:
+                continue
+            x0, x1 = edges_x[i] - halo, edges_x[i + 1] + halo
+            y0, y1 = edges_y[j] - halo, edges_y[j + 1] + halo
+            inside = (xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)
+            members = np.union1d(core, np.flatnonzero(inside))
+            out.append((core, members))
+    return out

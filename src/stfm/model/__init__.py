@@ -14,6 +14,7 @@ __getattr__, __dir__, __all__ = attach(
         "ExpressionPredictor": "_zinb",
         "RidgeProbe": "_ridge",
         "RetrievalPredictor": "_retrieval",
+        "HeteroGraphPredictor": "_hetero_graph",
         "ExpressionEnsemble": "_ensemble",
         "load_model": "_ensemble",
         "list_methods": "_registry",

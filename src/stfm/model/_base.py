@@ -29,7 +29,7 @@ from .._settings import settings
 from .._validation import assert_one_of, check_obs_key, check_positive
 from . import _persist
 from ._checks import check_counts, check_embedding, recorded_encoder
-from ._training import ValidationMonitor, module_device, validation_scores
+from ._training import ValidationMonitor, deterministic, module_device, validation_scores
 
 __all__ = ["ExpressionModelBase"]
 
@@ -273,7 +273,7 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         labels = self._section_labels()
         present = sorted(pd.unique(labels))
         if validation_sections is None:
-            validation_sections = [present[-1]] if len(present) >= 2 else []
+            validation_sections = self._default_validation(present)
         else:
             validation_sections = [validation_sections] if isinstance(validation_sections, str) else [str(s) for s in validation_sections]
             unknown = [s for s in validation_sections if s not in present]
@@ -285,6 +285,10 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
                 raise ValueError(msg)
         val = np.isin(labels, list(validation_sections))
         return np.flatnonzero(~val), np.flatnonzero(val), list(validation_sections)
+
+    def _default_validation(self, sections: list[str]) -> list[str]:
+        """Hook: validation sections when none are given (default: the last section by name, if there are two)."""
+        return [sections[-1]] if len(sections) >= 2 else []
 
     def _on_train_start(self, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
         """Hook called before the epochs run (e.g. restrict a reference bank to the training rows)."""
@@ -354,8 +358,8 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         train_idx, val_idx, val_secs = self._split_validation(validation_sections)
         if len(val_idx) == 0 and early_stopping:
             warnings.warn(
-                "Only one section to train on: no validation section, so early stopping is off and training runs "
-                f"for max_epochs={max_epochs}. Register more sections (`section_key=`) to choose epochs on held-out data.",
+                "Too few sections for a validation section, so early stopping is off and training runs for "
+                f"max_epochs={max_epochs}. Register more sections (`section_key=`) to choose epochs on held-out data.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -373,7 +377,7 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
             callbacks.append(monitor)
         trainer_kwargs.setdefault("enable_progress_bar", bool(settings.show_progress_bar))
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if len(val_idx) else None)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), deterministic(self.module):
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*not contain raw count.*")
             out = super().train(
@@ -508,7 +512,8 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
 
     def _predict_arrays(self, arrays: dict[str, Any], *, library_size: Any = 1e4, smooth: int = 0,
                         return_std: bool = False, batch_size: int | None = None) -> list[np.ndarray]:  # fmt: skip
-        parts = self._predict_parts(arrays, batch_size, need_aux=return_std)
+        with deterministic(self.module):
+            parts = self._predict_parts(arrays, batch_size, need_aux=return_std)
         return self._combine(parts, arrays, library_size=library_size, smooth=smooth, return_std=return_std, batch_size=batch_size)
 
     def predict(

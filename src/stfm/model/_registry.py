@@ -36,6 +36,7 @@ _BUILTIN = {
     "zinb": "stfm.model._zinb",
     "ridge": "stfm.model._ridge",
     "retrieval": "stfm.model._retrieval",
+    "hetero_graph": "stfm.model._hetero_graph",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 if TYPE_CHECKING:
     from ._base import ExpressionModelBase
 
-__all__ = ["ValidationMonitor", "module_device", "validation_scores"]
+__all__ = ["ValidationMonitor", "deterministic", "module_device", "validation_scores"]
 
 
 def _pearson_mean(pred: np.ndarray, true: np.ndarray) -> float:
@@ -93,3 +95,19 @@ def module_device(module: torch.nn.Module) -> torch.device:
     for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def deterministic(module: torch.nn.Module) -> Iterator[None]:
+    """Deterministic torch kernels while the block runs, when ``module`` is on the CPU (scatter / index_add
+    accumulate in a fixed order): the same seed then gives the same model and predictions. On an accelerator the
+    setting is left as it is (some deterministic GPU kernels are slow or missing)."""
+    on_cpu = module_device(module).type == "cpu"
+    before = torch.are_deterministic_algorithms_enabled()
+    if on_cpu and not before:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        if on_cpu and not before:
+            torch.use_deterministic_algorithms(False)

@@ -9,6 +9,7 @@ __getattr__, __dir__, __all__ = attach(
         "ExpressionModule": "_zinb",
         "RidgeModule": "_ridge",
         "RetrievalModule": "_retrieval",
+        "HeteroGraphModule": "_hetero_graph",
         "CancerModule": "_cancer",
         "MLP": "_components",
         "ZINBHead": "_components",
