@@ -15,6 +15,7 @@ __getattr__, __dir__, __all__ = attach(
         "RidgeProbe": "_ridge",
         "RetrievalPredictor": "_retrieval",
         "HeteroGraphPredictor": "_hetero_graph",
+        "GraphAEPredictor": "_graph_ae",
         "ExpressionEnsemble": "_ensemble",
         "load_model": "_ensemble",
         "list_methods": "_registry",

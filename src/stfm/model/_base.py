@@ -161,6 +161,11 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         return args["embedding_key"]
 
     @classmethod
+    def _query_obs(cls, args: dict[str, Any]) -> list[str]:
+        """Hook: obs columns a query must carry into :meth:`_prepare_anndata` (default none)."""
+        return []
+
+    @classmethod
     def _extra_fields(cls, adata: AnnData, args: dict[str, Any]) -> list[BaseAnnDataField]:
         """Hook: additional scvi-tools fields (default none)."""
         return []
@@ -256,6 +261,9 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         q = AnnData(obs=pd.DataFrame(index=pd.RangeIndex(adata.n_obs).astype(str)))
         if sec_key is not None:
             q.obs[sec_key] = groups
+        for col in type(self)._query_obs(setup):  # obs columns the method reads (e.g. nuclei counts)
+            check_obs_key(adata, col, hint="The model was trained with it as an input; compute it for the query too.")
+            q.obs[col] = adata.obs[col].to_numpy()
         q.obsm[setup["embedding_key"]] = emb
         if coords is not None:
             q.obsm[spatial_key] = coords

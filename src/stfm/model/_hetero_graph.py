@@ -3,7 +3,6 @@ sections, which carry their measured expression, in one heterogeneous graph (aft
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Literal
 
@@ -15,51 +14,13 @@ from .._constants import EXPR_KEYS
 from .._validation import check_spatial
 from ..module._hetero_graph import HeteroGraphModule
 from ._base import ExpressionModelBase
+from ._graph_common import SectionGraphMixin
 from ._persist import CheckpointError
 from ._registry import register_expression_method
-from ._training import module_device
 
 __all__ = ["HeteroGraphPredictor"]
 
 logger = logging.getLogger("stfm")
-
-
-class _GraphSplitter:
-    """A LightningDataModule of graph batches: one per training section (or spatial block), one per validation
-    section; built by the model from its reference bank (see :meth:`HeteroGraphPredictor._graphs`)."""
-
-    def __new__(cls, adata_manager, *, model: HeteroGraphPredictor, external_indexing, **kwargs):
-        from lightning.pytorch import LightningDataModule
-        from torch.utils.data import DataLoader
-
-        train_idx, val_idx = np.asarray(external_indexing[0]), np.asarray(external_indexing[1])
-
-        class _Module(LightningDataModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.train_idx, self.val_idx, self.test_idx = train_idx, val_idx, np.array([], dtype=int)
-                self.n_train, self.n_val = len(train_idx), len(val_idx)
-                self.train_graphs = model._training_graphs(train_idx)
-                self.val_graphs = model._validation_graphs(val_idx) if len(val_idx) else []
-
-            def train_dataloader(self):
-                return DataLoader(_List(self.train_graphs), batch_size=None, shuffle=True)
-
-            def val_dataloader(self):
-                return DataLoader(_List(self.val_graphs), batch_size=None, shuffle=False) if self.val_graphs else []
-
-        return _Module()
-
-
-class _List(torch.utils.data.Dataset):
-    def __init__(self, items: list) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
 
 
 @register_expression_method(
@@ -70,7 +31,7 @@ class _List(torch.utils.data.Dataset):
     likelihood="ZINB on counts with library size (SpaHGC's MSE + 0.5 (1 - PCC) as an option)",
     summary="target spots + the top-k similar spots of every other section (carrying expression) in one graph",
 )
-class HeteroGraphPredictor(ExpressionModelBase):
+class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
     """Predict a section's expression from H&E through the most similar spots of other sections (after SpaHGC).
 
     For every target spot, the ``k_reference`` most similar spots (cosine of the embeddings) of **each** reference
@@ -228,12 +189,8 @@ class HeteroGraphPredictor(ExpressionModelBase):
 
     def _section_graphs(self, emb: np.ndarray, coords: np.ndarray, counts: np.ndarray | None, allowed: list[str]) -> list[tuple[np.ndarray, dict]]:
         """Graph batches of one section: (core rows, graph) per spatial block."""
-        from ..graph import spatial_blocks, spot_pitch
-
-        pitch = spot_pitch(coords) if len(coords) > 1 else 1.0
-        halo = self.n_layers * self.pitches * pitch  # the receptive field of the target–target edges
         out = []
-        for core, members in spatial_blocks(coords, self.block_size, halo):
+        for core, members in self._blocks(coords):
             is_core = np.isin(members, core)
             g = self._graph(emb[members], coords[members], None if counts is None else counts[members], allowed, is_core)
             out.append((members[is_core], g))
@@ -269,11 +226,11 @@ class HeteroGraphPredictor(ExpressionModelBase):
     def _on_train_start(self, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
         groups = self._section_labels()
         self._allowed = list(dict.fromkeys(groups[train_idx]))  # validation sections are never references
-        self._data_splitter_cls = functools.partial(_GraphSplitter, model=self)
+        self._use_graph_batches()
 
     def _on_train_end(self, train_idx: np.ndarray, val_idx: np.ndarray, val_arrays: dict[str, Any] | None) -> None:
         self._allowed = list(self.bank_sections_)
-        self.__dict__.pop("_data_splitter_cls", None)
+        self._stop_graph_batches()
 
     def train(self, max_epochs: int = 200, *, lr: float = 1e-3, early_stopping_patience: int = 30, **kwargs: Any):
         """:meth:`ExpressionModelBase.train <stfm.model.ExpressionModelBase.train>` over graph batches (one per
@@ -282,33 +239,9 @@ class HeteroGraphPredictor(ExpressionModelBase):
         return super().train(max_epochs, lr=lr, early_stopping_patience=early_stopping_patience, batch_size=1, **kwargs)
 
     # -- prediction ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _predict_parts(self, arrays: dict[str, Any], batch_size: int | None = None, *, need_aux: bool = False) -> dict[str, Any]:
-        if arrays.get("coords") is None:
-            spatial_key = self.setup_args.get("spatial_key") or "spatial"
-            msg = f"hetero_graph builds a graph over the query's spots: it needs their coordinates in `obsm[{spatial_key!r}]`."
-            raise KeyError(msg)
-        was_training = self.module.training
-        self.module.eval()
-        dev = module_device(self.module)
-        n = arrays["embedding"].shape[0]
-        scale = np.zeros((n, self.module.n_genes), np.float32)
-        logl = np.zeros(n)
-        aux: dict[str, np.ndarray] = {}
-        for sec in dict.fromkeys(arrays["groups"]):
-            rows = np.flatnonzero(arrays["groups"] == sec)
-            refs = [s for s in self._allowed if s != sec]
-            for core_rows, g in self._section_graphs(arrays["embedding"][rows], arrays["coords"][rows], None, refs):
-                out = self.module.predict_batch({k: v.to(dev) for k, v in g.items()})
-                is_core = g["target_core"].bool().cpu().numpy()
-                dest = rows[core_rows]
-                scale[dest] = out["scale"].float().cpu().numpy()[is_core]
-                logl[dest] = out["log_library"].float().cpu().numpy()[is_core]
-                if need_aux:
-                    for k, v in out["aux"].items():
-                        aux.setdefault(k, np.zeros((n, v.shape[-1]), np.float32))[dest] = v.float().cpu().numpy()[is_core]
-        self.module.train(was_training)
-        return {"scale": scale, "log_library": logl, "aux": aux}
+    def _query_graph(self, emb: np.ndarray, coords: np.ndarray, section: str, core: np.ndarray, fields: dict) -> dict:
+        """A query block linked to every allowed bank section except a namesake of the query's own section."""
+        return self._graph(emb, coords, None, [s for s in self._allowed if s != section], core)
 
     @classmethod
     def _check_state(cls, state: dict[str, Any], where: str) -> None:

@@ -37,6 +37,7 @@ _BUILTIN = {
     "ridge": "stfm.model._ridge",
     "retrieval": "stfm.model._retrieval",
     "hetero_graph": "stfm.model._hetero_graph",
+    "graph_ae": "stfm.model._graph_ae",
 }
 
 

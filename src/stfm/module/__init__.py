@@ -10,6 +10,7 @@ __getattr__, __dir__, __all__ = attach(
         "RidgeModule": "_ridge",
         "RetrievalModule": "_retrieval",
         "HeteroGraphModule": "_hetero_graph",
+        "GraphAEModule": "_graph_ae",
         "CancerModule": "_cancer",
         "MLP": "_components",
         "ZINBHead": "_components",

@@ -184,7 +184,7 @@ def resolve_table(sdata: SpatialData, table_key: str | None, shapes_key: str | N
 
 
 def _table_from_shapes(sdata: SpatialData, shapes_key: str) -> AnnData:
-    """A zero-gene table annotating ``shapes[shapes_key]`` (CONVENTIONS: ``'{shapes_key}_table'``)."""
+    """A zero-gene table annotating ``shapes[shapes_key]``, named ``'{shapes_key}_table'`` (squidpy's naming)."""
     import pandas as pd
     from anndata import AnnData
     from spatialdata.models import TableModel

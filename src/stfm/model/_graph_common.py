@@ -1,0 +1,113 @@
+"""Shared machinery of the graph methods (``hetero_graph``, ``graph_ae``): graph batches per section or spatial
+block, a Lightning data module over them, and prediction section by section."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._training import module_device
+
+__all__ = ["SectionGraphMixin"]
+
+
+class _GraphSplitter:
+    """A LightningDataModule of graph batches: one per training section (or spatial block), one per validation
+    section (or block), built by the model (``model._training_graphs`` / ``model._validation_graphs``)."""
+
+    def __new__(cls, adata_manager, *, model: Any, external_indexing, **kwargs):
+        from lightning.pytorch import LightningDataModule
+        from torch.utils.data import DataLoader
+
+        train_idx, val_idx = np.asarray(external_indexing[0]), np.asarray(external_indexing[1])
+
+        class _Module(LightningDataModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.train_idx, self.val_idx, self.test_idx = train_idx, val_idx, np.array([], dtype=int)
+                self.n_train, self.n_val = len(train_idx), len(val_idx)
+                self.train_graphs = model._training_graphs(train_idx)
+                self.val_graphs = model._validation_graphs(val_idx) if len(val_idx) else []
+
+            def train_dataloader(self):
+                return DataLoader(_List(self.train_graphs), batch_size=None, shuffle=True)
+
+            def val_dataloader(self):
+                return DataLoader(_List(self.val_graphs), batch_size=None, shuffle=False) if self.val_graphs else []
+
+        return _Module()
+
+
+class _List(torch.utils.data.Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+
+
+class SectionGraphMixin:
+    """For expression models whose module reads a graph batch (a section or a block of one) instead of spot rows.
+
+    The model implements ``_training_graphs(train_idx)``, ``_validation_graphs(val_idx)`` and
+    ``_query_graph(embedding, coords, section, core)``; training then runs through scvi-tools' ``TrainRunner`` with
+    :class:`_GraphSplitter` as the data splitter, and prediction goes section by section, block by block.
+    """
+
+    block_size: int
+    n_layers: int
+    pitches: float
+
+    def _blocks(self, coords: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Spatial blocks of one section, with a halo covering ``n_layers`` hops of the spatial graph."""
+        from ..graph import spatial_blocks, spot_pitch
+
+        pitch = spot_pitch(coords) if len(coords) > 1 else 1.0
+        return spatial_blocks(coords, self.block_size, self.n_layers * self.pitches * pitch)
+
+    def _use_graph_batches(self) -> None:
+        self._data_splitter_cls = functools.partial(_GraphSplitter, model=self)
+
+    def _stop_graph_batches(self) -> None:
+        self.__dict__.pop("_data_splitter_cls", None)
+
+    @torch.inference_mode()
+    def _predict_parts(self, arrays: dict[str, Any], batch_size: int | None = None, *, need_aux: bool = False) -> dict[str, Any]:
+        if arrays.get("coords") is None:
+            spatial_key = self.setup_args.get("spatial_key") or "spatial"
+            msg = (
+                f"{self.method} builds a graph over the query's spots: it needs their coordinates in "
+                f"`obsm[{spatial_key!r}]`."
+            )
+            raise KeyError(msg)
+        was_training = self.module.training
+        self.module.eval()
+        dev = module_device(self.module)
+        n = arrays["embedding"].shape[0]
+        scale = np.zeros((n, self.module.n_genes), np.float32)
+        logl = np.zeros(n)
+        aux: dict[str, np.ndarray] = {}
+        extra = {k: v for k, v in arrays.items() if k.startswith("field:")}
+        for sec in dict.fromkeys(arrays["groups"]):
+            rows = np.flatnonzero(arrays["groups"] == sec)
+            for core, members in self._blocks(arrays["coords"][rows]):
+                is_core = np.isin(members, core)
+                fields = {k: v[rows][members] for k, v in extra.items()}
+                g = self._query_graph(arrays["embedding"][rows][members], arrays["coords"][rows][members], str(sec), is_core, fields)
+                out = self.module.predict_batch({k: v.to(dev) for k, v in g.items()})
+                dest = rows[members[is_core]]
+                scale[dest] = out["scale"].float().cpu().numpy()[is_core]
+                logl[dest] = out["log_library"].float().cpu().numpy()[is_core]
+                if need_aux:
+                    for k, v in out["aux"].items():
+                        aux.setdefault(k, np.zeros((n, v.shape[-1]), np.float32))[dest] = v.float().cpu().numpy()[is_core]
+        self.module.train(was_training)
+        return {"scale": scale, "log_library": logl, "aux": aux}
