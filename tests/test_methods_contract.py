@@ -17,7 +17,8 @@ EMB = "X_synthetic"
 METHODS = available_methods()
 #: the shortest training each method accepts (one epoch for gradient-trained methods)
 BRIEF = {"zinb": {"max_epochs": 1}, "retrieval": {"max_epochs": 1}, "hetero_graph": {"max_epochs": 1},
-         "graph_ae": {"max_epochs": 1, "autoencoder_epochs": 1}, "ridge": {}}  # fmt: skip
+         "graph_ae": {"max_epochs": 1, "autoencoder_epochs": 1}, "multimodal": {"max_epochs": 1, "pretrain_epochs": 1},
+         "ridge": {}}  # fmt: skip
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

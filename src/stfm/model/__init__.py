@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = attach(
         "RetrievalPredictor": "_retrieval",
         "HeteroGraphPredictor": "_hetero_graph",
         "GraphAEPredictor": "_graph_ae",
+        "MultimodalPredictor": "_multimodal",
         "ExpressionEnsemble": "_ensemble",
         "load_model": "_ensemble",
         "list_methods": "_registry",

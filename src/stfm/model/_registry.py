@@ -38,6 +38,7 @@ _BUILTIN = {
     "retrieval": "stfm.model._retrieval",
     "hetero_graph": "stfm.model._hetero_graph",
     "graph_ae": "stfm.model._graph_ae",
+    "multimodal": "stfm.model._multimodal",
 }
 
 

@@ -68,10 +68,14 @@ class ValidationMonitor(Callback):
         if trainer.sanity_checking:
             return
         module = pl_module.module
-        was_training = module.training
-        mean = self.model._predict_arrays(self.arrays, library_size="predicted", smooth=0)[0]
-        module.train(was_training)
-        scores = validation_scores(mean, self.arrays["counts"], self.arrays["groups"])
+        if self.elbo and not getattr(module, "predicts_in_stage", True):
+            # a pretraining stage (no decoder trained yet): the likelihood alone decides, predictions mean nothing
+            scores = {"raw": np.nan, "composition": np.nan, "mean": np.nan}
+        else:
+            was_training = module.training
+            mean = self.model._predict_arrays(self.arrays, library_size="predicted", smooth=0)[0]
+            module.train(was_training)
+            scores = validation_scores(mean, self.arrays["counts"], self.arrays["groups"])
         epoch = int(trainer.current_epoch)
         if self.elbo:
             value = trainer.callback_metrics.get("elbo_validation")
@@ -105,9 +109,9 @@ def deterministic(module: torch.nn.Module) -> Iterator[None]:
     on_cpu = module_device(module).type == "cpu"
     before = torch.are_deterministic_algorithms_enabled()
     if on_cpu and not before:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(mode=True, warn_only=True)
     try:
         yield
     finally:
         if on_cpu and not before:
-            torch.use_deterministic_algorithms(False)
+            torch.use_deterministic_algorithms(mode=False)

@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = attach(
         "RetrievalModule": "_retrieval",
         "HeteroGraphModule": "_hetero_graph",
         "GraphAEModule": "_graph_ae",
+        "MultimodalModule": "_multimodal",
         "CancerModule": "_cancer",
         "MLP": "_components",
         "ZINBHead": "_components",

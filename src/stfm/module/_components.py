@@ -6,6 +6,7 @@
   (normalised mean ``scale``, zero-inflation logits, a library size predicted from the image, gene-wise ``theta``).
 - :func:`info_nce`: symmetric InfoNCE between two batches of embeddings (CLIP / BLEEP / SpaCancer / SPAM).
 - :class:`CrossAttentionBlock`: pre-norm cross-attention of query tokens over key/value tokens with padding masks.
+- :func:`edge_attention`: multi-head attention of graph nodes over their neighbours along an edge list.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ import torch.nn.functional as F
 from scvi.distributions import ZeroInflatedNegativeBinomial
 from torch import nn
 
-__all__ = ["MLP", "CrossAttentionBlock", "Standardize", "ZINBHead", "info_nce", "init_log_temperature", "zinb_variance"]
+__all__ = [
+    "MLP",
+    "CrossAttentionBlock",
+    "Standardize",
+    "ZINBHead",
+    "edge_attention",
+    "info_nce",
+    "init_log_temperature",
+    "segment_softmax",
+    "zinb_variance",
+]
 
 
 class Standardize(nn.Module):
@@ -163,6 +174,32 @@ class CrossAttentionBlock(nn.Module):
             out = out.masked_fill(empty[:, None, None], 0.0)
         q = q + out
         return q + self.ffn(self.norm_ffn(q))
+
+
+def segment_softmax(scores: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Softmax of ``scores`` (E, H) within groups of equal ``index`` (E,), over ``n`` groups."""
+    idx = index.view(-1, 1).expand_as(scores)
+    top = torch.full((n, scores.shape[1]), -torch.inf, device=scores.device, dtype=scores.dtype)
+    top = top.scatter_reduce(0, idx, scores, reduce="amax", include_self=True)
+    e = torch.exp(scores - top.gather(0, idx))
+    den = torch.zeros((n, scores.shape[1]), device=scores.device, dtype=scores.dtype).scatter_add(0, idx, e)
+    return e / den.gather(0, idx).clamp(min=1e-16)
+
+
+def edge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n_dst: int,
+            heads: int, dropout: float, training: bool, edge_weight: torch.Tensor | None = None) -> torch.Tensor:  # noqa: FBT001
+    """Multi-head attention of each destination node over its source nodes along the edges (src → dst); an
+    ``edge_weight`` (E, 1) scales each edge's message."""
+    d = q.shape[1]
+    dh = d // heads
+    qi = q[dst].view(-1, heads, dh)
+    kj = k[src].view(-1, heads, dh)
+    a = (qi * kj).sum(-1) / math.sqrt(dh)
+    a = F.dropout(segment_softmax(a, dst, n_dst), p=dropout, training=training)
+    msg = (a.unsqueeze(-1) * v[src].view(-1, heads, dh)).view(-1, d)
+    if edge_weight is not None:
+        msg = msg * edge_weight
+    return torch.zeros((n_dst, d), device=q.device, dtype=q.dtype).index_add(0, dst, msg)
 
 
 def init_log_temperature(value: float, *, learn: bool = True) -> nn.Parameter:

@@ -108,6 +108,11 @@ class GraphAEModule(ExpressionModuleBase):
         jk, _ = self.jk(seq)
         return self.norm(self.drop(jk.mean(0)) + self.linear_path(z))
 
+    @property
+    def predicts_in_stage(self) -> bool:
+        """Whether predictions mean anything in the current stage (the decoder trains in stage ``'image'`` only)."""
+        return self.stage == "image"
+
     # -- scvi interface --------------------------------------------------------------------------------------
     def _get_inference_input(self, tensors):
         return {"graph": tensors}

@@ -27,35 +27,9 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from ._base import ExpressionModuleBase
-from ._components import Standardize, ZINBHead, info_nce, zinb_variance
+from ._components import Standardize, ZINBHead, edge_attention, info_nce, zinb_variance
 
 __all__ = ["BiAttention", "HeteroGraphModule"]
-
-
-def _segment_softmax(scores: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-    """Softmax of ``scores`` (E, H) within groups of equal ``index`` (E,), over ``n`` groups."""
-    idx = index.view(-1, 1).expand_as(scores)
-    top = torch.full((n, scores.shape[1]), -torch.inf, device=scores.device, dtype=scores.dtype)
-    top = top.scatter_reduce(0, idx, scores, reduce="amax", include_self=True)
-    e = torch.exp(scores - top.gather(0, idx))
-    den = torch.zeros((n, scores.shape[1]), device=scores.device, dtype=scores.dtype).scatter_add(0, idx, e)
-    return e / den.gather(0, idx).clamp(min=1e-16)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n_dst: int,
-            heads: int, dropout: float, training: bool, edge_weight: torch.Tensor | None = None) -> torch.Tensor:  # noqa: FBT001
-    """Multi-head attention of each destination node over its source nodes along the edges (src → dst); an
-    ``edge_weight`` (E, 1) scales each edge's message."""
-    d = q.shape[1]
-    dh = d // heads
-    qi = q[dst].view(-1, heads, dh)
-    kj = k[src].view(-1, heads, dh)
-    a = (qi * kj).sum(-1) / math.sqrt(dh)
-    a = F.dropout(_segment_softmax(a, dst, n_dst), p=dropout, training=training)
-    msg = (a.unsqueeze(-1) * v[src].view(-1, heads, dh)).view(-1, d)
-    if edge_weight is not None:
-        msg = msg * edge_weight
-    return torch.zeros((n_dst, d), device=q.device, dtype=q.dtype).index_add(0, dst, msg)
 
 
 class BiAttention(nn.Module):
@@ -76,8 +50,8 @@ class BiAttention(nn.Module):
 
     def forward(self, h_t: torch.Tensor, h_r: torch.Tensor, rt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ref, tgt = rt_index
-        to_t = _attend(self.q_t(h_t), self.k_r(h_r), self.v_r(h_r), ref, tgt, h_t.shape[0], self.heads, self.dropout, self.training)
-        to_r = _attend(self.q_r(h_r), self.k_t(h_t), self.v_t(h_t), tgt, ref, h_r.shape[0], self.heads, self.dropout, self.training)
+        to_t = edge_attention(self.q_t(h_t), self.k_r(h_r), self.v_r(h_r), ref, tgt, h_t.shape[0], self.heads, self.dropout, self.training)
+        to_r = edge_attention(self.q_r(h_r), self.k_t(h_t), self.v_t(h_t), tgt, ref, h_r.shape[0], self.heads, self.dropout, self.training)
         return to_t, to_r
 
 
@@ -220,7 +194,7 @@ class HeteroGraphModule(ExpressionModuleBase):
         """Attention pooling of each target's linked references, their similarity gating the values."""
         gate = torch.sigmoid(self.sim_gate(g["rt_sim"].view(-1, 1).float()))
         ref, tgt = g["rt_index"]
-        pooled = _attend(self.pool.q_t(h_t), self.pool.k_r(h_r), self.pool.v_r(h_r), ref, tgt, h_t.shape[0],
+        pooled = edge_attention(self.pool.q_t(h_t), self.pool.k_r(h_r), self.pool.v_r(h_r), ref, tgt, h_t.shape[0],
                          self.pool.heads, self.pool.dropout, self.training, edge_weight=gate)  # fmt: skip
         return self.out_norm(h_t + pooled)
 
