@@ -13,11 +13,11 @@ from ._settings import settings
 
 __version__ = "0.2.0"
 
-_SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "encoders", "data", "graph", "model", "module", "get")
+_SUBMODULES = ("pp", "tl", "pl", "io", "datasets", "encoders", "data", "graph", "model", "module", "get", "batch")
 __all__ = [*_SUBMODULES, "__version__", "settings"]
 
 if TYPE_CHECKING:
-    from . import data, datasets, encoders, get, graph, io, model, module, pl, pp, tl  # noqa: F401
+    from . import batch, data, datasets, encoders, get, graph, io, model, module, pl, pp, tl  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -65,7 +65,8 @@ def _token_table(
 
 
 def _train_one(tok: AnnData, *, use_rep, expr_rep, label_key, positive, ignore, section_key, scales, n_sectors,
-               model_kwargs, max_epochs, batch_size, lr, seed) -> CancerClassifier:  # fmt: skip
+               model_kwargs, max_epochs, batch_size, lr, seed, accelerator="auto", devices=1,
+               strategy="auto") -> CancerClassifier:  # fmt: skip
     import scvi
 
     from ..model._cancer import CancerClassifier
@@ -77,7 +78,8 @@ def _train_one(tok: AnnData, *, use_rep, expr_rep, label_key, positive, ignore, 
     )  # fmt: skip
     model = CancerClassifier(tok, **(model_kwargs or {}))
     model.train(
-        max_epochs=max_epochs, batch_size=batch_size, train_size=1.0, accelerator="cpu", devices=1,
+        max_epochs=max_epochs, batch_size=batch_size, train_size=1.0, accelerator=accelerator, devices=devices,
+        strategy=strategy,
         plan_kwargs={"lr": lr, "weight_decay": 1e-4}, enable_progress_bar=False, logger=False,
         enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
@@ -103,6 +105,9 @@ def fit_cancer_model(
     lr: float = 1e-3,
     seed: int = 0,
     model_kwargs: Mapping[str, Any] | None = None,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = 1,
+    strategy: str | Any = "auto",
 ) -> CancerClassifier:
     """Train a :class:`~stfm.model.CancerClassifier` on annotated reference sections and fix its threshold.
 
@@ -145,6 +150,11 @@ def fit_cancer_model(
         Random seed: two calls with the same seed and data give the same model.
     model_kwargs
         Passed to :class:`~stfm.model.CancerClassifier` (``d_model``, ``n_layers``, ``modality_dropout``, …).
+    accelerator, devices, strategy
+        Lightning device selection for every model trained here (the validation folds and the final model),
+        passed to :class:`lightning.pytorch.Trainer`: ``accelerator='auto'`` picks a GPU when there is one and the
+        CPU otherwise; ``devices=1`` trains on one device (the classifier is small; e.g. ``devices=4,
+        strategy='ddp'`` spreads a large reference over four GPUs).
 
     Returns
     -------
@@ -200,7 +210,8 @@ def fit_cancer_model(
     use_rep = use_rep if use_rep is not None and any(use_rep in t.obsm for _, t in sections) else None
     train_kw = {"use_rep": use_rep, "expr_rep": expr_rep, "label_key": label_key, "positive": positive, "ignore": ignore,
                 "section_key": section_key, "scales": scales, "n_sectors": n_sectors, "model_kwargs": model_kwargs,
-                "max_epochs": int(max_epochs), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed)}  # fmt: skip
+                "max_epochs": int(max_epochs), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
+                "accelerator": accelerator, "devices": devices, "strategy": strategy}  # fmt: skip
     tok_kw = {"use_rep": use_rep, "expr_rep": expr_rep, "label_key": label_key, "section_key": section_key, "spatial_key": spatial_key}
 
     val_logits, val_labels, per_section = [], [], {}
