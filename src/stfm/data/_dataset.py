@@ -72,10 +72,23 @@ class TileDataset(Dataset):
         Pyramid level to read; ``None`` picks the coarsest sufficient one.
     resize
         Resample every crop to ``tile_px`` in :meth:`read_tile` (default); ``False`` returns the crops as read.
+    masks
+        Optional boundary per crop (cell or nucleus outline), each a ``(m, 2)`` polygon (x, y) in level-0 pixels.
+        The outline is rasterised at the crop's resolution and the pixels outside it are set to white, the
+        background the encoders see past a slide's border: RGB encoders take no fourth channel, so the mask is
+        applied to the tile.
     """
 
     def __init__(
-        self, source: Any, xy: np.ndarray, side_px: float, tile_px: int, *, level: int | None = None, resize: bool = True
+        self,
+        source: Any,
+        xy: np.ndarray,
+        side_px: float,
+        tile_px: int,
+        *,
+        level: int | None = None,
+        resize: bool = True,
+        masks: list[np.ndarray] | None = None,
     ) -> None:
         self.source: ImageSource = open_image(source)
         self.xy = np.asarray(xy, dtype=np.float64)[:, :2]
@@ -91,6 +104,10 @@ class TileDataset(Dataset):
         x0, y0 = self.boxes[:, 0], self.boxes[:, 1]
         self.padded = (x0 < 0) | (y0 < 0) | (x0 + self.crop_px > w) | (y0 + self.crop_px > h)
         self.resize = bool(resize)
+        if masks is not None and len(masks) != len(self.xy):
+            msg = f"Expected one mask polygon per crop ({len(self.xy)}), found {len(masks)}."
+            raise ValueError(msg)
+        self.masks = masks
 
     @property
     def n_padded(self) -> int:
@@ -113,10 +130,24 @@ class TileDataset(Dataset):
         """Crop ``i`` as a ``(tile_px, tile_px, 3)`` uint8 array (``(crop_px, crop_px, 3)`` with ``resize=False``)."""
         x0, y0 = (int(v) for v in self.boxes[i])
         crop = np.ascontiguousarray(self.source.read_region(x0, y0, self.crop_px, self.crop_px, level=self.level))
+        if self.masks is not None:
+            crop = np.array(crop)  # writable
+            crop[~self.crop_mask(i)] = 255
         if self.resize and self.crop_px != self.tile_px:
             t = torch.from_numpy(crop).permute(2, 0, 1)[None]  # channels-last view, no copy
             crop = resize_tiles(t, self.tile_px)[0].permute(1, 2, 0).numpy()
         return crop
+
+    def crop_mask(self, i: int) -> np.ndarray:
+        """Boolean ``(crop_px, crop_px)`` mask of crop ``i``: the pixels inside its outline (needs ``masks``)."""
+        from skimage.draw import polygon2mask
+
+        if self.masks is None:
+            msg = "This TileDataset has no masks; pass `masks=` (one polygon per crop)."
+            raise ValueError(msg)
+        poly = np.asarray(self.masks[i], dtype=np.float64) / self.downsample - self.boxes[i]
+        # pixel (r, c) covers [c, c+1) × [r, r+1): its centre is inside when the outline, shifted by half a pixel, is
+        return polygon2mask((self.crop_px, self.crop_px), poly[:, ::-1] - 0.5)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.read_tile(i)))

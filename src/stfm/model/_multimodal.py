@@ -70,7 +70,8 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
     registry
         Registry of a saved model.
     n_latent, n_hidden, heads, dropout_rate
-        Network sizes.
+        Network sizes. The dropout (0.6) was chosen inside patient C of her2st (train C2–C5, score C6; see
+        ``docs/benchmarks/expression.md``): full-section batches give few steps per epoch and overfit quickly.
     temperature
         InfoNCE temperature of stage 1 (SPAM: 0.15).
     k_spatial
@@ -94,7 +95,7 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
         n_latent: int = 128,
         n_hidden: int = 256,
         heads: int = 4,
-        dropout_rate: float = 0.2,
+        dropout_rate: float = 0.6,
         temperature: float = 0.15,
         k_spatial: int = 12,
         k_retrieve: int = 16,

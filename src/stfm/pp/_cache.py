@@ -69,6 +69,11 @@ def cache_key(
         "spot_scale": spot_scale,
         "crop": [dataset.level, dataset.crop_px],
     }
+    if inputs.masks is not None:  # (only then: the keys of unmasked features stay as they were)
+        h = hashlib.blake2b(digest_size=16)
+        for poly in inputs.masks:
+            h.update(np.round(np.asarray(poly, dtype=np.float64), 2).tobytes() + b"|")
+        spec["mask"] = h.hexdigest()
     return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=20).hexdigest()
 
 

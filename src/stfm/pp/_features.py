@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -12,11 +13,12 @@ from .._containers import get_table, is_spatialdata, prepare_output
 from .._logging import logger
 from .._provenance import record
 from .._settings import settings
-from .._validation import check_copy_inplace, check_positive, check_valid_key
+from .._validation import assert_one_of, check_copy_inplace, check_positive, check_valid_key
 from ._cache import CACHE_SUFFIX, cache_key, cache_read, cache_write
 from ._inference import embed_tiles
 from ._inputs import (
     DEFAULT_MPP,
+    Inputs,
     check_inside,
     check_orientation,
     inputs_anndata,
@@ -46,9 +48,12 @@ def extract_features(
     shapes_key: str | None = None,
     table_key: str | None = None,
     spot_scale: float | None = None,
+    tile_um: float | None = None,
     tile_px: int | None = None,
     mpp: float | None = None,
     slide_mpp: float | None = None,
+    mask: str | None = None,
+    bins: Literal["auto", "tile", "each"] = "auto",
     model_path: str | os.PathLike[str] | None = None,
     revision: str | None = None,
     batch_size: int | None = None,
@@ -98,6 +103,9 @@ def extract_features(
     spot_scale
         Crop side in spot diameters (squidpy's convention) instead of the encoder's physical scale; the crop
         is still resampled to ``tile_px``. ``None`` uses ``mpp × tile_px`` µm.
+    tile_um
+        Crop side in µm (e.g. a 40 µm cell-centred crop); resampled to ``tile_px``. Exclusive with ``spot_scale``;
+        ``None`` uses the encoder's field of view, ``mpp × tile_px`` µm.
     tile_px
         Encoder input size in pixels (default: the encoder's).
     mpp
@@ -105,6 +113,18 @@ def extract_features(
     slide_mpp
         µm per full-resolution pixel of the slide (default: ``scalefactors['microns_per_pixel']``, else derived
         from ``spot_diameter_fullres``).
+    mask
+        SpatialData only: a shapes element with one outline per cell (polygons, or circles with a ``radius``),
+        e.g. Xenium's ``'cell_boundaries'`` or ``'nucleus_boundaries'``, matched to the table by instance id. Each
+        tile then shows only its own cell: pixels outside the outline are set to white (encoders take RGB, so the
+        mask is applied to the tile rather than given as a fourth channel). Every cell needs an outline.
+    bins
+        For bin-level tables (Visium HD, ``metadata['platform'] == 'visium_hd'``): ``'tile'`` embeds one tile per
+        cell of a grid of encoder-sized squares and gives every bin its square's features (so 2 µm bins are not
+        2 µm tiles, nor one overlapping 112 µm tile each), and records the square of each bin in
+        ``obs['<key>_tile']`` (sum the bins per square with :func:`scanpy.get.aggregate` for a spot-like table);
+        ``'each'`` embeds one tile centred on every bin; ``'auto'`` is ``'tile'`` for Visium HD bins smaller than
+        the tile, else ``'each'``.
     model_path
         Local weights file for ``model`` (see :func:`stfm.encoders.load_encoder`).
     revision
@@ -140,6 +160,8 @@ def extract_features(
         Tile embeddings, rows aligned with `obs_names`.
     `.tables[f'{shapes_key}_table']` : :class:`~anndata.AnnData` (`n_shapes × 0`)
         SpatialData only, created when no table annotates `shapes_key` (`obs['region']`, `obs['instance_id']`).
+    `.obs['X_<encoder key>_tile']` : :class:`int`
+        Bin-level tables tiled on a grid (``bins='tile'``) only: the grid square of each bin.
     `.uns['stfm']['X_<encoder key>' | key_added]` : :class:`dict`
         Encoder provenance (key, source, revision, embed_dim, pooling, licence) plus `tile_px`, `mpp`
         (µm/px of the tiles), `encoder_mpp`, `slide_mpp`, `spot_scale`, `tile_um`, `crop_px`, `level`,
@@ -160,9 +182,19 @@ def extract_features(
     if tile_px is not None and (not isinstance(tile_px, int | np.integer) or tile_px < 1):
         msg = f"Expected `tile_px` to be a positive integer, found {tile_px!r}."
         raise ValueError(msg)
-    for name, value in (("mpp", mpp), ("slide_mpp", slide_mpp), ("spot_scale", spot_scale)):
+    for name, value in (("mpp", mpp), ("slide_mpp", slide_mpp), ("spot_scale", spot_scale), ("tile_um", tile_um)):
         if value is not None:
             check_positive(value, name=name)
+    if spot_scale is not None and tile_um is not None:
+        msg = "Pass either `spot_scale=` (crop side in spot diameters) or `tile_um=` (crop side in µm), not both."
+        raise ValueError(msg)
+    assert_one_of(bins, ("auto", "tile", "each"), name="bins")
+    if mask is not None and not is_spatialdata(data):
+        msg = (
+            "`mask=` names a shapes element of cell outlines: it needs a SpatialData input (e.g. from "
+            "`stfm.io.read_xenium(path)`), not an AnnData."
+        )
+        raise ValueError(msg)
     batch_size = settings.batch_size if batch_size is None else int(check_positive(batch_size, name="batch_size"))
     if num_workers is not None:  # None: resolved for the device in `_embed`
         num_workers = int(check_positive(num_workers, name="num_workers", allow_zero=True))
@@ -175,14 +207,26 @@ def extract_features(
             raise ValueError(msg)
         table, table_name, new_table = resolve_table(data, table_key, shapes_key)
         inputs = inputs_spatialdata(
-            data, table, image_key=image_key, shapes_key=shapes_key, spatial_key=spatial_key, slide_mpp=slide_mpp
+            data,
+            table,
+            image_key=image_key,
+            shapes_key=shapes_key,
+            spatial_key=spatial_key,
+            slide_mpp=slide_mpp,
+            mask_key=mask,
         )
         inputs.extra["table_key"] = table_name
     else:
         table = get_table(data)
         table_name, new_table = None, False
         inputs = inputs_anndata(
-            table, img=img, library_id=library_id, spatial_key=spatial_key, slide_mpp=slide_mpp, mpp=mpp, tile_px=tile_px
+            table,
+            img=img,
+            library_id=library_id,
+            spatial_key=spatial_key,
+            slide_mpp=slide_mpp,
+            mpp=mpp,
+            tile_px=tile_px,
         )
 
     # 2. The encoder and the tile geometry.
@@ -194,7 +238,9 @@ def extract_features(
     enc_mpp = float(mpp) if mpp is not None else (float(enc.mpp) if enc.mpp is not None else DEFAULT_MPP)
     if mpp is None and enc.mpp is None:
         logger.info("encoder %r has no µm/px on its card; using %.2f µm/px", enc.key, DEFAULT_MPP)
-    if spot_scale is None:
+    if tile_um is not None:
+        tile_um = float(tile_um)
+    elif spot_scale is None:
         tile_um = enc_mpp * tile_px
     else:
         if inputs.spot_diameter_px is None:
@@ -206,10 +252,18 @@ def extract_features(
         tile_um = float(spot_scale) * inputs.spot_diameter_px * inputs.slide_mpp
     side_px = tile_um / inputs.slide_mpp
     check_inside(inputs)
+    tile_of = None
+    if _tile_bins(bins, table, inputs, side_px, mask):
+        # one tile per grid square of the tile's size; every bin takes the features of the square it falls in
+        cell = np.floor(inputs.xy / side_px).astype(np.int64)
+        squares, tile_of = np.unique(cell, axis=0, return_inverse=True)
+        inputs = dataclasses.replace(inputs, xy=(squares + 0.5) * side_px)
 
     from ..data import TileDataset
 
-    dataset = TileDataset(inputs.source, inputs.xy, side_px, tile_px, resize=False)  # resampled on the device
+    dataset = TileDataset(
+        inputs.source, inputs.xy, side_px, tile_px, resize=False, masks=inputs.masks
+    )  # resampled on the device
     n = len(dataset)
 
     # 3. Features: from the cache, or computed.
@@ -258,8 +312,12 @@ def extract_features(
         "malloc_tuned": tuned,
         **inputs.extra,
     }
+    if tile_of is not None:
+        prov |= {"bins": "tile", "n_bins": len(tile_of)}
     prov.pop("key", None)
 
+    if tile_of is not None:
+        feats = feats[tile_of.ravel()]
     # 4. Output (nothing is written before this point).
     if not inplace:
         return feats
@@ -268,6 +326,22 @@ def extract_features(
         out.tables[table_name] = table
     target = get_table(out, table_name) if table_name is not None else get_table(out)
     target.obsm[key] = feats
+    if tile_of is not None:
+        target.obs[f"{key}_tile"] = tile_of.ravel().astype(np.int64)
     record(target, key, "pp.extract_features", **prov)
-    logger.info("extract_features: added obsm[%r] (%d × %d)", key, n, enc.embed_dim)
+    logger.info("extract_features: added obsm[%r] (%d × %d)", key, len(feats), enc.embed_dim)
     return out if copy else None
+
+
+def _tile_bins(bins: str, table: AnnData, inputs: Inputs, side_px: float, mask: str | None) -> bool:
+    """Whether bins are embedded on a grid of tile-sized squares (see ``bins`` of :func:`extract_features`)."""
+    if bins == "each":
+        return False
+    lib = table.uns.get("spatial", {}).get(inputs.library_id or "", {})
+    is_hd = lib.get("metadata", {}).get("platform") == "visium_hd"
+    if bins == "tile":
+        if mask is not None:
+            msg = "`bins='tile'` embeds grid squares, which have no single cell outline: leave `mask=None`."
+            raise ValueError(msg)
+        return True
+    return is_hd and mask is None and (inputs.spot_diameter_px or 0) < side_px

@@ -19,7 +19,17 @@ if TYPE_CHECKING:
 
     from ..data import ImageSource
 
-__all__ = ["DEFAULT_MPP", "Inputs", "check_inside", "check_orientation", "image_source", "inputs_anndata", "inputs_spatialdata", "resolve_table", "warn"]
+__all__ = [
+    "DEFAULT_MPP",
+    "Inputs",
+    "check_inside",
+    "check_orientation",
+    "image_source",
+    "inputs_anndata",
+    "inputs_spatialdata",
+    "resolve_table",
+    "warn",
+]
 
 DEFAULT_MPP = 0.5
 
@@ -50,6 +60,7 @@ class Inputs:
     library_id: str | None
     image: str
     extra: dict[str, Any] = field(default_factory=dict)
+    masks: list[np.ndarray] | None = None  # (m, 2) outline per observation in image level-0 pixels, when asked for
 
 
 def _check_mpp(sf: dict[str, Any], meta: dict[str, Any], mpp_used: float, *, user: bool, where: str) -> None:
@@ -220,6 +231,7 @@ def inputs_spatialdata(
     shapes_key: str | None,
     spatial_key: str,
     slide_mpp: float | None,
+    mask_key: str | None = None,
 ) -> Inputs:
     from spatialdata.models import get_table_keys
     from spatialdata.transformations import get_transformation
@@ -315,9 +327,57 @@ def inputs_spatialdata(
         px_mpp = cs_mpp * cs_per_px
     _check_mpp(sf, meta, px_mpp / cs_per_px, user=slide_mpp is not None, where=where)
     spot_px = float(sf["spot_diameter_fullres"]) * shape_scale / cs_per_px if "spot_diameter_fullres" in sf else None
-    return Inputs(
+    out = Inputs(
         source, xy_px, px_mpp, spot_px, shapes_key, image_key, extra={"image_key": image_key, "shapes_key": shapes_key}
     )
+    if mask_key is not None:
+        out.masks = _outlines(sdata, table, mask_key, instance_key, cs, np.linalg.inv(img_to_cs))
+        out.extra["mask_key"] = mask_key
+    return out
+
+
+def _outlines(
+    sdata: SpatialData, table: AnnData, mask_key: str, instance_key: str, cs: str, cs_to_px: np.ndarray
+) -> list[np.ndarray]:
+    """One outline per table row from ``shapes[mask_key]`` (polygons, or circles with a ``radius``), in image pixels."""
+    from spatialdata.transformations import get_transformation
+
+    if mask_key not in sdata.shapes:
+        msg = (
+            f"`mask={mask_key!r}` names no shapes element; the masks come from cell or nucleus boundaries (Xenium, read "
+            f"with `cells_boundaries=True`: 'cell_boundaries', 'nucleus_boundaries'). Shapes: {list(sdata.shapes.keys())}."
+        )
+        raise KeyError(msg)
+    shapes = sdata.shapes[mask_key]
+    if cs not in get_transformation(shapes, get_all=True):
+        msg = f"The boundaries {mask_key!r} have no transformation to the coordinate system {cs!r} of the image and cells."
+        raise ValueError(msg)
+    m = cs_to_px @ _affine_xy(shapes, cs)
+    geom = shapes.geometry
+    if "radius" in shapes.columns and (geom.geom_type == "Point").all():
+        geom = geom.buffer(shapes["radius"].to_numpy(dtype=np.float64), resolution=8)
+    ids = table.obs[instance_key].to_numpy()
+    present = shapes.index.get_indexer(ids)
+    lacking = ids[present < 0]
+    if lacking.size:
+        msg = (
+            f"{lacking.size} of {len(ids)} cells have no boundary in `shapes[{mask_key!r}]` (e.g. {list(lacking[:3])}); "
+            "a mask needs an outline per cell. Subset the table to the cells with boundaries, or leave `mask=None`."
+        )
+        raise ValueError(msg)
+    out = []
+    for g in geom.iloc[present]:
+        if g is None or g.is_empty:
+            msg = f"`shapes[{mask_key!r}]` holds an empty outline for some cells; a mask needs an outline per cell."
+            raise ValueError(msg)
+        if g.geom_type == "MultiPolygon":
+            g = max(g.geoms, key=lambda p: p.area)
+        if g.geom_type != "Polygon":
+            msg = f"`shapes[{mask_key!r}]` must hold polygons (or circles with a radius), found {g.geom_type}."
+            raise ValueError(msg)
+        xy = np.asarray(g.exterior.coords, dtype=np.float64)[:, :2]
+        out.append(xy @ m[:2, :2].T + m[:2, 2])
+    return out
 
 
 def image_source(element: Any, name: str) -> ImageSource:
