@@ -83,12 +83,13 @@ def test_cell_masks_are_the_cells_outlines_in_image_pixels(xenium):
 
 def test_extract_features_on_cells_at_a_stated_size_with_masks(xenium, tmp_path):
     # fluorescence-only fixture: the format check is that cells are cut where and as large as stated
-    kw = {"shapes_key": "cell_circles", "tile_um": 40.0, "tile_px": 64, "cache": False, "show_progress_bar": False}
+    # 40 µm at the toy's 1.69 µm/px is a 24-px crop: embedded at that size (finer tiles would be blown-up pixels)
+    kw = {"shapes_key": "cell_circles", "tile_um": 40.0, "tile_px": 24, "cache": False, "show_progress_bar": False}
     stfm.pp.extract_features(xenium, "efficientnet_lite0", **kw)
     table = xenium.tables["table"]
     prov = table.uns["stfm"]["X_efficientnet_lite0"]
     assert prov["tile_um"] == 40.0 and prov["crop_px"] == round(40.0 / (400 / 237))
-    assert prov["mpp"] == pytest.approx(40.0 / 64)
+    assert prov["mpp"] == pytest.approx(40.0 / 24)
     plain = np.asarray(table.obsm["X_efficientnet_lite0"]).copy()
     assert plain.shape == (table.n_obs, 1280) and np.isfinite(plain).all()
     masked = stfm.pp.extract_features(xenium, "efficientnet_lite0", mask="nucleus_boundaries", inplace=False, **kw)

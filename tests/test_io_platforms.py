@@ -375,16 +375,12 @@ def test_visium_hd_extract_features(visium_hd, tmp_path):
     """The H&E case: `extract_features` accepts the reader's output with the element names it records."""
     table, shapes_key, entry = _entry(visium_hd, "square_002um")
     meta = entry["metadata"]
-    out = _quiet(
-        stfm.pp.extract_features,
-        visium_hd,
-        "efficientnet_lite0",
-        table_key=meta["table_key"],
-        shapes_key=meta["shapes_key"],
-        image_key=meta["image_key"],
-        inplace=False,
-        cache=False,
-    )
+    kw = {"table_key": meta["table_key"], "shapes_key": meta["shapes_key"], "image_key": meta["image_key"]}
+    # the fixture's only H&E is the lowres PNG (10.9 µm/px): refused at the encoder's 0.5 µm/px, with the way out
+    with pytest.raises(ValueError, match=r"four times as coarse.*`tile_px=10`"):
+        stfm.pp.extract_features(visium_hd, "efficientnet_lite0", inplace=False, cache=False, **kw)
+    out = _quiet(stfm.pp.extract_features, visium_hd, "efficientnet_lite0", tile_px=10, tile_um=112.0, inplace=False,
+                 cache=False, **kw)  # fmt: skip
     assert out.shape == (10, 1280) and np.isfinite(out).all()
     from stfm.pp._inputs import inputs_spatialdata
 

@@ -251,6 +251,17 @@ def extract_features(
             raise ValueError(msg)
         tile_um = float(spot_scale) * inputs.spot_diameter_px * inputs.slide_mpp
     side_px = tile_um / inputs.slide_mpp
+    tile_mpp = tile_um / tile_px
+    if inputs.slide_mpp > 4 * tile_mpp:  # (at 2.8× coarser, features still match full resolution: test_physical_scale)
+        native_px = max(1, round(tile_um / inputs.slide_mpp))
+        msg = (
+            f"The image {inputs.image!r} is {inputs.slide_mpp:.3g} µm/px, more than four times as coarse as the tiles the encoder "
+            f"would see ({tile_um:.0f} µm over {tile_px} px = {tile_mpp:.3g} µm/px): every tile would be a {native_px}-px "
+            "crop blown up. Use the full-resolution image, or embed at the image's own resolution: "
+            f"`tile_px={native_px}` (with `tile_um={tile_um:.4g}`; the features then describe a far coarser image than "
+            "the encoder was trained on)."
+        )
+        raise ValueError(msg)
     check_inside(inputs)
     tile_of = None
     if _tile_bins(bins, table, inputs, side_px, mask):
