@@ -72,16 +72,25 @@ def concat_sections(
         return ad.concat(parts, join="inner", index_unique="-", merge="same")
 
 
-def _log1p_counts(adata: AnnData, layer: str | None = None, *, normalize: bool = False) -> np.ndarray:
+def _log1p_stats(adata: AnnData, layer: str | None = None, *, normalize: bool = False) -> tuple[np.ndarray, ...]:
+    """Per gene: fraction of spots detected, mean and variance of ``log1p`` counts (per 10k with ``normalize``).
+
+    Sparse counts stay sparse (``log1p`` keeps zeros at zero), so ranking every gene of a table never densifies it.
+    """
     from scipy import sparse
 
     x = adata.X if layer is None else adata.layers[layer]
-    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    x = x.astype(np.float64)
+    x = sparse.csr_matrix(x, dtype=np.float64) if sparse.issparse(x) else sparse.csr_matrix(np.asarray(x, dtype=np.float64))
     if normalize:
-        lib = x.sum(1, keepdims=True)
-        x = np.divide(x * 1e4, lib, out=np.zeros_like(x), where=lib > 0)
-    return np.log1p(x)
+        lib = np.asarray(x.sum(1)).ravel()
+        x = sparse.diags(np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)) @ x
+    x = x.tocsr()
+    x.data = np.log1p(x.data)
+    n = max(1, x.shape[0])
+    detected = np.asarray((x > 0).sum(0)).ravel() / n
+    mean = np.asarray(x.sum(0)).ravel() / n
+    var = np.asarray(x.multiply(x).sum(0)).ravel() / n - mean**2
+    return detected, mean, np.maximum(var, 0.0)
 
 
 def select_genes(
@@ -105,9 +114,9 @@ def select_genes(
     if cand.n_vars == 0:
         msg = "None of the candidate genes are in `adata.var_names`."
         raise ValueError(msg)
-    y = _log1p_counts(cand, layer, normalize=normalize)
-    detected = (y > 0).mean(0) >= min_spot_fraction
-    score = y.var(0) if flavor == "variable" else y.mean(0)
+    frac, mean, var = _log1p_stats(cand, layer, normalize=normalize)
+    detected = frac >= min_spot_fraction
+    score = var if flavor == "variable" else mean
     score = np.where(detected, score, -np.inf)
     order = np.argsort(-score, kind="stable")[: min(n_top_genes, int(detected.sum()) or n_top_genes)]
     return [str(cand.var_names[i]) for i in order]

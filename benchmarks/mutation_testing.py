@@ -1,0 +1,249 @@
+"""Mutation testing of stfm's core: break one expression at a time and see whether the tests notice.
+
+Run from the repository root (slow: not part of CI)::
+
+    python benchmarks/mutation_testing.py                     # every target, up to 12 mutants each; writes docs/benchmarks/mutation.md
+    python benchmarks/mutation_testing.py --targets tiles --max-mutants 40
+    python benchmarks/mutation_testing.py --root /path/to/clone   # mutate a separate checkout (safer while editing)
+
+For each target (a module of the core and the tests that cover it) the script parses the module, lists every
+mutable expression inside the named functions — a comparison flipped (``<`` ↔ ``<=``, ``==`` ↔ ``!=``, …), an
+arithmetic operator swapped (``+`` ↔ ``-``, ``*`` ↔ ``/``, ``//`` ↔ ``/``, ``**`` → ``*``), a ``not`` dropped, a
+boolean constant negated, a number changed (``n`` → ``n + 1``, ``0.5`` → ``1.0``; 0 and 1 to each other), a
+slice step reversed (``[::-1]`` → ``[:]``) — and draws up to ``--max-mutants`` of them (seed 0). Each mutant is
+written over the module (``ast.unparse`` of the whole file), the target's tests run (``pytest -x``, a timeout per
+mutant), and the original file is restored. A mutant is *killed* when the tests fail or time out, *survived* when
+they pass. The page lists the kill rate per target and every survivor with its line, so that each is either killed
+by a new test or shown to be equivalent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs" / "benchmarks" / "mutation.md"
+RESULTS = REPO / "benchmarks" / "results" / "mutation.json"
+
+#: target name → (module, functions whose bodies are mutated, tests that cover them)
+TARGETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "tiles": ("src/stfm/data/_dataset.py", ("crop_boxes", "read_tile", "crop_mask", "__init__"),
+              ("tests/test_tiles.py", "tests/test_cell_tiles.py::test_cell_masks_are_the_cells_outlines_in_image_pixels",
+               "tests/test_features.py::test_features_match_independently_cut_tiles")),
+    "features": ("src/stfm/pp/_features.py", ("extract_features", "_tile_bins"),
+                 ("tests/test_features.py", "tests/test_cell_tiles.py")),
+    "likelihoods": ("src/stfm/module/_components.py", ("forward", "info_nce", "zinb_variance", "segment_softmax"),
+                    ("tests/test_expression.py", "tests/test_retrieval_and_smoothing.py", "tests/test_multimodal.py")),
+    "folds": ("src/stfm/tl/_evaluate.py", ("cross_validate", "_split_sections", "pearson_per_gene", "evaluate_expression"),
+              ("tests/test_expression.py", "tests/test_retrieval_and_smoothing.py")),
+    "validation": ("src/stfm/model/_training.py", ("validation_scores", "_pearson_mean", "on_validation_epoch_end"),
+                   ("tests/test_expression.py", "tests/test_retrieval_and_smoothing.py", "tests/test_graph_ae.py")),
+    "thresholds": ("src/stfm/tl/_cancer_fit.py", ("fit_cancer_model", "_train_one"), ("tests/test_cancer.py",)),
+    "regions": ("src/stfm/graph/_regions.py", ("call_regions", "tumour_shapes"), ("tests/test_cancer.py", "tests/test_graph.py")),
+    "geometry": ("src/stfm/graph/_geometry.py", ("knn_indices", "spot_pitch", "smoothing_matrix", "spatial_blocks", "radius_graph"),
+                 ("tests/test_graph.py", "tests/test_retrieval_and_smoothing.py")),
+    "readers": ("src/stfm/io/_her2st.py", (), ("tests/test_io_her2st.py",)),
+    "checksums": ("src/stfm/datasets/_her2st.py", (), ("tests/test_io_her2st.py",)),
+}  # fmt: skip
+
+_CMP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+        ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}  # fmt: skip
+_BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+        ast.Pow: ast.Mult, ast.Mod: ast.FloorDiv}  # fmt: skip
+
+
+@dataclass
+class Mutant:
+    index: int  # position of the node in ast.walk order
+    line: int
+    kind: str
+    description: str
+
+
+def _in_functions(tree: ast.AST, names: tuple[str, ...]) -> set[int]:
+    """ids of nodes inside the named functions (all nodes when ``names`` is empty), docstrings excluded."""
+    keep: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (not names or node.name in names):
+            body = (
+                node.body[1:]
+                if node.body
+                and isinstance(node.body[0], ast.Expr)
+                and isinstance(getattr(node.body[0], "value", None), ast.Constant)
+                else node.body
+            )
+            for stmt in body:
+                keep.update(id(n) for n in ast.walk(stmt))
+    return keep
+
+
+def _candidates(tree: ast.AST, names: tuple[str, ...]) -> list[Mutant]:
+    inside = _in_functions(tree, names)
+    out = []
+    for i, node in enumerate(ast.walk(tree)):
+        if id(node) not in inside:
+            continue
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Compare) and type(node.ops[0]) in _CMP:
+            out.append(Mutant(i, line, "compare", f"{type(node.ops[0]).__name__} → {_CMP[type(node.ops[0])].__name__}"))
+        elif isinstance(node, ast.BinOp) and type(node.op) in _BIN:
+            out.append(Mutant(i, line, "arithmetic", f"{type(node.op).__name__} → {_BIN[type(node.op)].__name__}"))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            out.append(Mutant(i, line, "not", "`not` dropped"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            out.append(Mutant(i, line, "constant", f"{node.value} → {not node.value}"))
+        elif (
+            isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool)
+        ):
+            out.append(Mutant(i, line, "constant", f"{node.value!r} → {_number(node.value)!r}"))
+        elif isinstance(node, ast.Slice) and isinstance(node.step, ast.UnaryOp) and isinstance(node.step.op, ast.USub):
+            out.append(Mutant(i, line, "slice", "[::-1] → [:]"))
+    return out
+
+
+def _number(v: float) -> float:
+    if v == 0:
+        return 1
+    if v == 1:
+        return 0
+    return v + 1 if isinstance(v, int) else v * 2
+
+
+def _apply(tree: ast.AST, m: Mutant) -> ast.AST:
+    tree = copy.deepcopy(tree)
+    node = list(ast.walk(tree))[m.index]
+    if m.kind == "compare":
+        node.ops[0] = _CMP[type(node.ops[0])]()
+    elif m.kind == "arithmetic":
+        node.op = _BIN[type(node.op)]()
+    elif m.kind == "not":
+        node.op = ast.UAdd()  # `+x` on a bool is the bool as an int: truthiness kept, negation gone
+    elif m.kind == "constant":
+        node.value = (not node.value) if isinstance(node.value, bool) else _number(node.value)
+    elif m.kind == "slice":
+        node.step = None
+    return ast.fix_missing_locations(tree)
+
+
+def run_target(name: str, root: Path, max_mutants: int, timeout: int, seed: int) -> dict:
+    module, funcs, tests = TARGETS[name]
+    path = root / module
+    original = path.read_text()
+    tree = ast.parse(original)
+    cands = _candidates(tree, funcs)
+    rng = random.Random(f"{seed}:{name}")
+    chosen = sorted(rng.sample(cands, min(max_mutants, len(cands))), key=lambda m: m.line)
+    env = {**os.environ, "PYTHONPATH": str(root / "src") + os.pathsep + str(root / "tests"), "PYTHONWARNINGS": "ignore"}
+    rows = []
+    try:
+        for m in chosen:
+            path.write_text(ast.unparse(_apply(tree, m)) + "\n")
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+            try:
+                res = subprocess.run(
+                    cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout, check=False
+                )
+                status = "survived" if res.returncode == 0 else "killed"
+                failed = next((ln.split(" ")[1] for ln in res.stdout.splitlines() if ln.startswith("FAILED ")), "")
+            except subprocess.TimeoutExpired:
+                status, failed = "killed", f"timeout ({timeout} s)"
+            rows.append({"line": m.line, "kind": m.kind, "mutation": m.description, "status": status,
+                         "caught_by": failed, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            print(f"  {name}:{m.line} {m.description:<24} {status:<9} {failed}", flush=True)
+    finally:
+        path.write_text(original)
+    killed = sum(r["status"] == "killed" for r in rows)
+    return {"target": name, "module": module, "functions": list(funcs), "tests": list(tests), "candidates": len(cands),
+            "mutants": len(rows), "killed": killed, "rows": rows}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    ap.add_argument("--max-mutants", type=int, default=12)
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--root", type=Path, default=REPO, help="checkout to mutate (restored after each mutant)")
+    ap.add_argument("--render", action="store_true", help="rewrite the page from the results JSON")
+    args = ap.parse_args()
+    if args.render:
+        render(json.loads(RESULTS.read_text()))
+        return
+    root = args.root.resolve()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True
+    ).stdout
+    if dirty.strip():
+        msg = f"{root}/src has uncommitted changes; mutate a clean checkout (`--root`), the script restores files it touches."
+        raise SystemExit(msg)
+    out = []
+    for name in args.targets:
+        print(f"{name}:", flush=True)
+        out.append(run_target(name, root, args.max_mutants, args.timeout, args.seed))
+    cmd = "python benchmarks/mutation_testing.py" + (
+        "" if args.targets == list(TARGETS) else " --targets " + " ".join(args.targets)
+    )
+    cmd += "" if args.max_mutants == 12 else f" --max-mutants {args.max_mutants}"
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    results = {"command": cmd, "commit": commit, "seed": args.seed, "targets": out}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    render(results)
+    print(f"wrote {PAGE.relative_to(REPO)} and {RESULTS.relative_to(REPO)}")
+
+
+def render(results: dict) -> None:
+    lines = [
+        "# Mutation testing",
+        "",
+        f"Generated by `{results['command']}` at commit `{results['commit']}` (seed {results['seed']}). Method: the "
+        "script's docstring. A mutant is killed when the target's tests fail under it.",
+        "",
+        "| target | module | mutable expressions | mutants run | killed | kill rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    tot_m = tot_k = 0
+    for t in results["targets"]:
+        rate = t["killed"] / t["mutants"] if t["mutants"] else float("nan")
+        tot_m, tot_k = tot_m + t["mutants"], tot_k + t["killed"]
+        lines.append(
+            f"| {t['target']} | `{t['module']}` | {t['candidates']} | {t['mutants']} | {t['killed']} | {rate:.0%} |"
+        )
+    if tot_m:
+        lines.append(f"| **all** | | | {tot_m} | {tot_k} | **{tot_k / tot_m:.0%}** |")
+    lines += ["", "## Survivors", "", "| target | line | mutation | why it survives |", "|---|---|---|---|"]
+    notes = results.get("notes", {})
+    for t in results["targets"]:
+        for r in t["rows"]:
+            if r["status"] == "survived":
+                why = notes.get(f"{t['target']}:{r['line']}:{r['mutation']}", "not yet analysed")
+                lines.append(f"| {t['target']} | {r['line']} | {r['mutation']} | {why} |")
+    lines += [
+        "",
+        "## Killed, and by which test",
+        "",
+        "| target | line | mutation | first failing test |",
+        "|---|---|---|---|",
+    ]
+    for t in results["targets"]:
+        for r in t["rows"]:
+            if r["status"] == "killed":
+                lines.append(f"| {t['target']} | {r['line']} | {r['mutation']} | `{r['caught_by'] or 'error'}` |")
+    PAGE.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
