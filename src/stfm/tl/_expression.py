@@ -86,11 +86,13 @@ def _log1p_stats(adata: AnnData, layer: str | None = None, *, normalize: bool = 
         x = sparse.diags(np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)) @ x
     x = x.tocsr()
     x.data = np.log1p(x.data)
-    n = max(1, x.shape[0])
-    detected = np.asarray((x > 0).sum(0)).ravel() / n
-    mean = np.asarray(x.sum(0)).ravel() / n
-    var = np.asarray(x.multiply(x).sum(0)).ravel() / n - mean**2
-    return detected, mean, np.maximum(var, 0.0)
+    n, g = max(1, x.shape[0]), x.shape[1]
+    x.eliminate_zeros()
+    nnz = np.bincount(x.indices, minlength=g)
+    mean = np.bincount(x.indices, weights=x.data, minlength=g) / n
+    dev = x.data - mean[x.indices]  # two-pass variance over the stored values, the zeros added in closed form
+    var = (np.bincount(x.indices, weights=dev * dev, minlength=g) + (n - nnz) * mean**2) / n
+    return nnz / n, mean, var
 
 
 def select_genes(
