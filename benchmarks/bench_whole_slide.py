@@ -152,21 +152,30 @@ def big_worker(tiff: str, model_dir: str) -> dict:
             time.sleep(0.05)
 
     threading.Thread(target=monitor, daemon=True).start()
+    time.sleep(0.2)
+    stages = {"imports": peak["rss"]}
     model = stfm.model.load_model(model_dir)
+    stages["model loaded"] = peak["rss"]
     t0 = time.perf_counter()
     sdata = stfm.pp.make_tiles(tiff, slide_mpp=0.25)
     t_tiles = time.perf_counter() - t0
+    stages["make_tiles"] = peak["rss"]
     t0 = time.perf_counter()
     stfm.pp.extract_features(sdata, "efficientnet_lite0", table_key="tiles_table", cache=False)
     t_feats = time.perf_counter() - t0
+    stages["features"] = peak["rss"]
     t0 = time.perf_counter()
     stfm.tl.predict_expression(sdata, model, table_key="tiles_table", library_size="predicted")
     t_pred = time.perf_counter() - t0
+    time.sleep(0.2)
+    stages["prediction"] = peak["rss"]
     n = sdata.tables["tiles_table"].n_obs
+    hwm = next(int(ln.split()[1]) / 1024 for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
     return {"slide_px": list(stfm.data.open_image(tiff).shape), "n_tiles": n, "make_tiles_s": t_tiles,
             "features_s": t_feats, "tiles_per_s_features": n / t_feats, "predict_s": t_pred,
             "tiles_per_s_end_to_end": n / (t_tiles + t_feats + t_pred), "peak_rss_mb": peak["rss"],
-            "method": model.method}  # fmt: skip
+            "peak_rss_main_mb": hwm, "peak_after_stage_mb": stages, "method": model.method,
+            "num_workers": stfm.settings.resolve_num_workers("cpu")}  # fmt: skip
 
 
 def big_slide(method: str, workdir: Path) -> dict:
@@ -203,6 +212,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--big-method", default="graph_ae")
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--big-only", action="store_true", help="rerun the 40,960² TIFF only; keep the B4 rows of the results JSON")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/stfm_whole_slide"))
     ap.add_argument("--big-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -210,6 +220,12 @@ def main() -> None:
         print(json.dumps(big_worker(*args.big_worker)))
         return
     warnings.simplefilter("ignore")
+    if args.big_only:
+        saved = json.loads(RESULTS.read_text())
+        saved["big"] = big_slide(args.big_method, args.workdir)
+        RESULTS.write_text(json.dumps(saved, indent=1) + "\n")
+        render(saved["meta"], saved["b4"], saved["rows"], saved["big"])
+        return
     rows, info = b4_slide(args.methods)
     big = None if args.skip_big else big_slide(args.big_method, args.workdir)
     import torch
@@ -263,8 +279,10 @@ def render(meta: dict, info: dict, rows: list[dict], big: dict | None) -> None:
             f"{big['make_tiles_s']:.1f} | {big['features_s']:.0f} | {big['tiles_per_s_features']:.1f} | "
             f"{big['predict_s']:.1f} | {big['tiles_per_s_end_to_end']:.1f} | {big['peak_rss_mb']:,.0f} |",
             "",
-            "Peak RSS is the process and its DataLoader workers together. The feature-extraction rate of the same "
-            "slide alone is in [the feature benchmark](features.md).",
+            f"Peak RSS is the process and its DataLoader workers together ({big.get('num_workers', '?')} workers; "
+            f"the main process alone peaked at {big.get('peak_rss_main_mb', float('nan')):,.0f} MB). Peak after each "
+            "stage: " + ", ".join(f"{k} {v:,.0f} MB" for k, v in big.get("peak_after_stage_mb", {}).items())
+            + ". The feature-extraction rate of the same slide alone is in [the feature benchmark](features.md).",
         ]
     PAGE.write_text("\n".join(lines) + "\n")
 

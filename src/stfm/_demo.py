@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import os
 import time
 import warnings
@@ -61,7 +62,7 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
 
     from . import datasets, get, io, model, pl, pp, tl
     from ._settings import settings
-    from .tl._expression import concat_sections, select_genes
+    from .tl._expression import _accepted, concat_sections, select_genes
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -88,11 +89,14 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
     t0 = _step("training expression models on " + ", ".join(a.obs["section"].iloc[0] for a in train))
     candidates = concat_sections(train)
     panel = list(dict.fromkeys([*MARKERS, *select_genes(candidates, 50)]))
-    epochs = {"max_epochs": 5, "early_stopping_patience": 5} if fast else {}
+    # --fast: five epochs of every stage (the two-stage methods have a pretraining stage of their own)
+    epochs = {"max_epochs": 5, "early_stopping_patience": 5, "pretrain_epochs": 5, "pretrain_patience": 5,
+              "autoencoder_epochs": 5, "autoencoder_patience": 5} if fast else {}  # fmt: skip
     models = {}
     for method in model.list_methods().index:
         spec = model.get_method(method)
-        kw = epochs if "early_stopping" in spec.supports else {}
+        accepted = _accepted(spec.cls, "train")  # (following **kwargs up to ExpressionModelBase.train)
+        kw = {k: v for k, v in epochs.items() if k in accepted} if "early_stopping" in spec.supports else {}
         models[method] = tl.fit_expression(train, method=method, embedding_key=key, genes=panel, **kw)
     _done(t0, f"{len(panel)} genes: " + ", ".join(f"{k} ({m.fit_time_s_:.0f} s)" for k, m in models.items()))
 
