@@ -2,6 +2,7 @@
 # Set up the project (once; again only when pyproject.toml or constraints.txt change) and run a job.
 #   ./dev.sh demo [--out DIR] [--section B4]   the end-to-end demo (`stfm demo`)
 #   ./dev.sh test [pytest args]                the test suite
+#   ./dev.sh docs                              the docs (Sphinx, warnings as errors) → docs/_build/html
 #   ./dev.sh setup                             only set up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,6 +34,7 @@ job="${1:-}"
 case "$job" in
   demo) exec "$VENV/bin/stfm" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  docs) exec "$VENV/bin/python" -m sphinx -W --keep-going -b html docs docs/_build/html "$@" ;;
   setup) echo "[dev.sh] ready: $VENV" ;;
-  *) echo "usage: ./dev.sh demo|test|setup [args]" >&2; exit 2 ;;
+  *) echo "usage: ./dev.sh demo|test|docs|setup [args]" >&2; exit 2 ;;
 esac
