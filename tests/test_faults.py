@@ -109,3 +109,50 @@ def test_killed_writers_leave_a_complete_target(kind, tmp_path):
 
         cache_write(target, np.zeros((2000, 256), np.float32))
     assert stale_temporaries(target) == []
+
+
+@pytest.mark.parametrize("moment", ["old_renamed_aside", "old_being_deleted"])
+def test_sigterm_inside_the_swap_keeps_exactly_one_complete_version(moment, tmp_path, monkeypatch):
+    """The random kills above rarely land inside the swap itself; this one puts SIGTERM exactly there."""
+    import shutil
+    from pathlib import Path
+
+    from stfm import _atomic
+
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "v").write_text("old")
+
+    class Stopped(Exception):
+        pass
+
+    def previous(signum, frame):  # the program's own SIGTERM handler, called after stfm's cleanup
+        raise Stopped
+
+    fired = []
+    real_rename, real_rmtree = Path.rename, shutil.rmtree
+
+    def rename(self, dest):
+        out = real_rename(self, dest)
+        if moment == "old_renamed_aside" and ".stfm-old-" in str(dest) and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # old version aside, new one not yet in place
+        return out
+
+    def rmtree(path, *args, **kwargs):
+        if moment == "old_being_deleted" and ".stfm-old-" in str(path) and Path(path).exists() and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # new version in place, old one not yet deleted
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(_atomic.shutil, "rmtree", rmtree)
+    before = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(Stopped), _atomic.atomic_dir(target, overwrite=True) as tmp:
+            (tmp / "v").write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert fired, "the signal was never sent: the swap no longer renames the old version aside"
+    assert (target / "v").read_text() == ("old" if moment == "old_renamed_aside" else "new")
+    assert stale_temporaries(target) == [], "SIGTERM inside the swap must leave no temporary behind"

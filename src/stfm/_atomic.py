@@ -23,7 +23,8 @@ __all__ = ["atomic_dir", "atomic_file", "check_writable", "replace_dir", "stale_
 
 
 _ACTIVE: set[Path] = set()
-_LOCK = threading.Lock()
+_ASIDE: dict[Path, Path] = {}  # old version renamed aside -> the target it belongs to, while a swap is under way
+_LOCK = threading.RLock()  # re-entrant: the signal handler runs on the main thread, possibly inside a locked block
 _PREVIOUS: dict[int, Any] = {}
 
 
@@ -36,6 +37,12 @@ def _cleanup_handler(signum: int, frame: Any) -> None:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
         _ACTIVE.clear()
+        for aside, target in list(_ASIDE.items()):  # interrupted inside a swap: keep exactly one complete version
+            if target.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            elif aside.exists():
+                aside.rename(target)
+        _ASIDE.clear()
     prev = _PREVIOUS.get(signum)
     if callable(prev):
         prev(signum, frame)
@@ -115,6 +122,8 @@ def replace_dir(new: Path, target: Path) -> None:
         aside = target.parent / f".{target.name}.stfm-old-{os.getpid()}"
         if aside.exists():
             shutil.rmtree(aside, ignore_errors=True)
+        with _LOCK:
+            _ASIDE[aside] = target
         target.rename(aside)
     try:
         new.rename(target)
@@ -122,8 +131,11 @@ def replace_dir(new: Path, target: Path) -> None:
         if aside is not None:
             aside.rename(target)
         raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        if aside is not None and target.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        with _LOCK:
+            _ASIDE.pop(aside, None)
 
 
 def check_writable(target: str | os.PathLike[str]) -> Path:
