@@ -12,13 +12,13 @@ import numpy as np
 from scipy import sparse
 
 __all__ = [
-    "spatial_blocks",
     "knn_graph",
     "knn_indices",
     "radius_graph",
     "radius_pairs",
     "section_indices",
     "smoothing_matrix",
+    "spatial_blocks",
     "spot_pitch",
 ]
 
