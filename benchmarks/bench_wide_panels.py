@@ -94,7 +94,21 @@ def main() -> None:
         saved = json.loads(RESULTS.read_text())
         render(saved["meta"], saved["rows"])
         return
-    rows = []
+    import torch
+
+    command = "python benchmarks/bench_wide_panels.py"
+    if args.methods != list(METHODS):
+        command += " --methods " + " ".join(args.methods)
+    if args.genes != [50, 1000, 5000]:
+        command += " --genes " + " ".join(map(str, args.genes))
+    meta = {"command": command, "python": platform.python_version(), "torch": torch.__version__, "threads": 2}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
+        RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        render(meta, rows)
+
     for method in args.methods:
         for n in args.genes:
             cmd = [sys.executable, __file__, "--one", method, str(n)]
@@ -103,28 +117,20 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 rows.append({"method": method, "requested": n, "error": f"over {args.timeout} s"})
                 print(f"{method:<13} {n:>5}: over {args.timeout} s", flush=True)
+                save()
                 continue
             if res.returncode != 0:
                 err = (res.stderr.strip().splitlines() or ["?"])[-1]
                 rows.append({"method": method, "requested": n, "error": err[:200]})
                 print(f"{method:<13} {n:>5}: failed: {err}", flush=True)
+                save()
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(r)
             print(f"{method:<13} {r['n_genes']:>5} genes  fit {r['fit_s']:7.1f} s  predict {r['predict_s']:5.1f} s  "
                   f"{r['peak_rss_mb']:6.0f} MB  all {r['raw_all']:.3f}/{r['composition_all']:.3f}  "
                   f"top-50 {r['raw_top50']:.3f}/{r['composition_top50']:.3f}", flush=True)  # fmt: skip
-    import torch
-
-    cmd = "python benchmarks/bench_wide_panels.py"
-    if args.methods != list(METHODS):
-        cmd += " --methods " + " ".join(args.methods)
-    if args.genes != [50, 1000, 5000]:
-        cmd += " --genes " + " ".join(map(str, args.genes))
-    meta = {"command": cmd, "python": platform.python_version(), "torch": torch.__version__, "threads": 2}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    render(meta, rows)
+            save()
     print(f"wrote {PAGE.relative_to(REPO)} and {RESULTS.relative_to(REPO)}")
 
 

@@ -54,3 +54,18 @@ def test_every_public_function_has_a_page(html):
             if name.startswith("_") or not callable(getattr(mod, name)):
                 continue
             assert (html / "generated" / f"stfm.{sub}.{name}.html").is_file(), f"stfm.{sub}.{name} has no API page"
+
+
+def test_the_gallery_links_every_notebook(html):
+    notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 5
+    gallery = (html / "notebooks" / "index.html").read_text()
+    for stem in notebooks:
+        assert f'href="{stem}.html"' in gallery, f"the gallery does not link {stem}"
+        page = html / "notebooks" / f"{stem}.html"
+        assert page.is_file(), f"{stem} was not rendered"
+        stored = '"image/png"' in (ROOT / "notebooks" / f"{stem}.ipynb").read_text()
+        # an executed notebook shows its figures on its page and its first figure as the thumbnail
+        assert (html / "_static" / "thumbnails" / f"{stem}.png").is_file() == stored, stem
+        if stored:
+            assert "<img" in page.read_text(), f"{stem}'s stored figures are not on its page"
