@@ -47,8 +47,10 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
     never links to that section.
 
     **Scale.** Sections with more than ``block_size`` spots are cut into spatial blocks whose halo covers the
-    ``n_layers``-hop receptive field (:func:`stfm.graph.spatial_blocks`), so memory follows the block, not the
-    section, in training and prediction; similarity search runs in chunks.
+    ``n_layers``-hop receptive field (:func:`stfm.graph.spatial_blocks`), so prediction memory follows the block, not
+    the section; similarity search runs in chunks. Training builds the block graphs of every training section once
+    and keeps them for all epochs: a 100,000-spot training section peaks at about 7 GB
+    (``docs/benchmarks/hetero_graph_scale.md``).
 
     Parameters
     ----------
