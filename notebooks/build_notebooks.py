@@ -18,12 +18,13 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-PARAMS = """import os
+PARAMS = """import logging
+import os
 import warnings
 
 # The test suite runs this notebook with STFM_NOTEBOOK_FAST=1: fewer epochs and sections, same code path.
 FAST = os.environ.get("STFM_NOTEBOOK_FAST") == "1"
-warnings.filterwarnings("ignore", category=UserWarning)  # keep the rendered page readable
+warnings.simplefilter("ignore")  # keep the rendered page readable
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -33,6 +34,15 @@ import scanpy as sc
 import stfm
 
 stfm.settings.show_progress_bar = False
+# no INFO banners from the libraries underneath (Lightning's "GPU available" / "Seed set", scvi-tools, spatialdata);
+# imported first because each sets its logger's level when imported
+import lightning.pytorch
+import scvi
+import spatialdata
+
+scvi.settings.verbosity = logging.WARNING
+for name in ("lightning.pytorch", "lightning.fabric", "spatialdata._logging"):
+    logging.getLogger(name).setLevel(logging.ERROR)
 plt.rcParams["figure.dpi"] = 72"""
 
 # fmt: off
@@ -118,7 +128,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     "03_squidpy": [
         ("md", "# squidpy on predicted expression\n\nPredicted expression is a normal AnnData layer, so squidpy's "
                "spatial statistics run on it unchanged. Legacy ST spots sit on a square grid: the spatial graph is "
-               "`coord_type='grid'` with the 4 nearest neighbours."),
+               "a grid graph (`sq.gr.spatial_neighbors_grid`) with the 4 nearest neighbours."),
         ("code", PARAMS),
         ("code", 'import squidpy as sq\n\n'
                  'names = ["C2", "C3"] if FAST else ["C2", "C3", "C4", "C5", "C6"]\n'
@@ -132,7 +142,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                  'stfm.tl.predict_expression(adata, model, library_size="predicted")\n'
                  'adata.layers["counts"] = adata.X.copy()\n'
                  'adata'),
-        ("code", 'sq.gr.spatial_neighbors(adata, coord_type="grid", n_neighs=4)\n'
+        ("code", 'sq.gr.spatial_neighbors_grid(adata, n_neighs=4)\n'
                  'deg = np.asarray(adata.obsp["spatial_connectivities"].sum(1)).ravel()\n'
                  'print("neighbours per spot:", pd.Series(deg).value_counts().sort_index().to_dict())'),
         ("md", "Moran's I of every panel gene, measured (log1p counts) and predicted (log1p of the predicted mean):"),
@@ -152,7 +162,8 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                  'stfm.tl.detect_cancer_regions(full, method="signature")\n'
                  'adata.obs["cancer_region"] = full.obs["cancer_region"].astype("category")\n'
                  'print(adata.obs["cancer_region"].value_counts().to_dict())\n'
-                 'sq.gr.nhood_enrichment(adata, cluster_key="cancer_region", seed=0, n_perms=100 if FAST else 1000, n_jobs=1)\n'
+                 'sq.gr.nhood_enrichment(adata, cluster_key="cancer_region", seed=0, n_perms=100 if FAST else 1000, n_jobs=1,\n'
+                 '                        show_progress_bar=False)\n'
                  'sq.pl.nhood_enrichment(adata, cluster_key="cancer_region", figsize=(3.5, 3.5))'),
     ],
     "04_cancer": [
