@@ -109,8 +109,9 @@ def main() -> None:
         RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         render(meta, rows)
 
-    for method in args.methods:
-        for n in args.genes:
+    # the widest panel of every method first: an interrupted run still has the rows the targets are about
+    for n in sorted(args.genes, reverse=True):
+        for method in args.methods:
             cmd = [sys.executable, __file__, "--one", method, str(n)]
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.timeout)
@@ -145,7 +146,8 @@ def render(meta: dict, rows: list[dict]) -> None:
         "| method | genes | fit (s) | predict (s) | fit + predict (min) | peak RSS (MB) | all genes | 50 most variable |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(rows, key=lambda r: (order.get(r["method"], len(order)), r.get("n_genes", r["requested"]))):
         if "error" in r:
             lines.append(f"| {r['method']} | {r['requested']:,} | failed: {r['error']} | | | | | |")
             continue
