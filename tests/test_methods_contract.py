@@ -54,7 +54,9 @@ def test_every_builtin_is_registered():
 @pytest.mark.parametrize("method", METHODS)
 def test_contract(method, cohort, tmp_path):
     spec = stfm.model.get_method(method)
-    model = stfm.tl.fit_expression(_train(cohort), method=method, embedding_key=EMB, n_top_genes=20, seed=0, **_brief(method))
+    model = stfm.tl.fit_expression(
+        _train(cohort), method=method, embedding_key=EMB, n_top_genes=20, seed=0, **_brief(method)
+    )
     assert isinstance(model, spec.cls) and model.method == method and model.is_trained_
     assert len(model.genes) == 20 and model.training_sections_ == ["S0", "S1", "S2"]
     # an H&E-only copy of an unseen section: the table gains the panel, the layer and the provenance
@@ -77,7 +79,9 @@ def test_contract(method, cohort, tmp_path):
     model.save(tmp_path / method)
     back = stfm.model.load_model(tmp_path / method)
     assert type(back) is spec.cls and back.genes == model.genes
-    np.testing.assert_allclose(back.predict(q, library_size="predicted"), model.predict(q, library_size="predicted"), rtol=1e-5)
+    np.testing.assert_allclose(
+        back.predict(q, library_size="predicted"), model.predict(q, library_size="predicted"), rtol=1e-5
+    )
     assert back.smoothing_ == model.smoothing_
     # a path works as `model` too
     q2 = _he_only(test)
@@ -93,7 +97,9 @@ def test_contract(method, cohort, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_one_cross_validation_fold(method, cohort):
-    df = stfm.tl.cross_validate(cohort, method=method, embedding_key=EMB, n_top_genes=15, test_sections=["S1"], **_brief(method))
+    df = stfm.tl.cross_validate(
+        cohort, method=method, embedding_key=EMB, n_top_genes=15, test_sections=["S1"], **_brief(method)
+    )
     assert df["test_section"].tolist() == ["S1"] and df["method"].eq(method).all()
     row = df.iloc[0]
     # patient split: S1 is patient P1, so training holds only patient P0's sections
@@ -104,9 +110,51 @@ def test_one_cross_validation_fold(method, cohort):
 @pytest.mark.parametrize("method", METHODS)
 def test_reproducible_with_a_seed(method, cohort):
     """Same seed, same data: identical predictions on the CPU; another seed differs (gradient-trained methods)."""
-    kw = {"method": method, "embedding_key": EMB, "n_top_genes": 12, **{**_brief(method), **({"max_epochs": 3} if _brief(method) else {})}}
+    kw = {
+        "method": method,
+        "embedding_key": EMB,
+        "n_top_genes": 12,
+        **{**_brief(method), **({"max_epochs": 3} if _brief(method) else {})},
+    }
     q = _he_only(cohort[cohort.obs["section"] == "S3"].copy())
     p = [stfm.tl.fit_expression(_train(cohort), seed=s, **kw).predict(q, library_size="predicted") for s in (3, 3, 4)]
     np.testing.assert_array_equal(p[0], p[1])
     if stfm.model.get_method(method).cls.train is not stfm.model.RidgeProbe.train:
         assert not np.allclose(p[0], p[2])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_training_stage_starts_in_train_mode(method, cohort, monkeypatch):
+    """scvi-tools puts the module in eval mode after a fit; the next stage of a two-stage method must not inherit
+    it (dropout off, normalisation frozen), and neither must a refit."""
+    if stfm.model.get_method(method).cls.train is stfm.model.RidgeProbe.train:
+        pytest.skip("ridge is not gradient-trained")
+    import lightning.pytorch as pl
+
+    from stfm.model import _base
+
+    seen: list[tuple[str | None, list[str]]] = []
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            frozen = [n for n, m in pl_module.module.named_modules() if not m.training]
+            seen.append((getattr(pl_module.module, "stage", None), frozen))
+
+    original = _base.ExpressionModelBase.train
+
+    def train(self, *args, **kwargs):
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), Probe()]
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_base.ExpressionModelBase, "train", train)
+    model = stfm.tl.fit_expression(_train(cohort), method=method, embedding_key=EMB, n_top_genes=12, **_brief(method))
+    model.train(
+        **{
+            "max_epochs": 1,
+            **({"pretrain_epochs": 1} if method == "multimodal" else {}),
+            **({"autoencoder_epochs": 1} if method == "graph_ae" else {}),
+        }
+    )  # a refit of the fitted model
+    assert seen, "no training stage ran"
+    for stage, frozen in seen:
+        assert not frozen, f"{method} stage {stage!r} started with {len(frozen)} modules in eval mode: {frozen[:4]}"

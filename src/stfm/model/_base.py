@@ -385,6 +385,9 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
             callbacks.append(monitor)
         trainer_kwargs.setdefault("enable_progress_bar", bool(settings.show_progress_bar))
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if len(val_idx) else None)
+        # scvi-tools leaves the module in eval mode after every fit: a second training stage (or a refit) would
+        # otherwise run with dropout off and normalisation frozen
+        self.module.train()
         with warnings.catch_warnings(), deterministic(self.module):
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*not contain raw count.*")
