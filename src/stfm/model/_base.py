@@ -391,6 +391,9 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         with warnings.catch_warnings(), deterministic(self.module):
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*not contain raw count.*")
+            # Lightning's notes on small data (a few batches per epoch; graph batches it cannot size) are not problems
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*infer the `batch_size` from an ambiguous collection.*")
             out = super().train(
                 max_epochs=int(max_epochs),
                 accelerator=accelerator,
