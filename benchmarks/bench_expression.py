@@ -51,7 +51,7 @@ SEEDS = (0, 1, 2)
 #: variants compared in the selection stage (train C2–C5, score C6), every setting spelled out; the library's
 #: defaults are the variants this stage selected (ridge: composition + depth heads; zinb: composition term,
 #: dropout 0.2; retrieval: tau0 0.5, with position; hetero_graph: ZINB, 256 hidden; graph_ae: alignment weight 1;
-#: multimodal: dropout 0.6, aligned retrieval)
+#: multimodal: dropout 0.6, retrieval on the embedding; graph_ae's two variants tie on C6 to three decimals)
 VARIANTS = {
     "ridge": {
         "composition + depth heads": {"target": "composition"},

@@ -77,7 +77,9 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
     k_spatial
         Neighbours of the spatial graph (SPAM: 12).
     k_retrieve, retrieval_temperature, retrieval
-        Bank spots per query, the softmax temperature over their cosine similarities, and the retrieval space.
+        Bank spots per query, the softmax temperature over their cosine similarities, and the retrieval space
+        (default ``'embedding'``: it scored above ``'aligned'`` on the C6 validation section,
+        ``docs/benchmarks/expression.md``).
     composition_weight
         Weight of the composition term added to the ZINB likelihood.
     block_size
@@ -100,7 +102,7 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
         k_spatial: int = 12,
         k_retrieve: int = 16,
         retrieval_temperature: float = 0.1,
-        retrieval: Literal["aligned", "embedding"] = "aligned",
+        retrieval: Literal["aligned", "embedding"] = "embedding",
         composition_weight: float = 1.0,
         block_size: int = 4096,
     ) -> None:
