@@ -19,7 +19,7 @@ from ..module._graph_ae import GraphAEModule
 from ._base import ExpressionModelBase
 from ._graph_common import SectionGraphMixin
 from ._registry import register_expression_method
-from ._training import module_device
+from ._training import input_statistics, module_device
 
 __all__ = ["GraphAEPredictor"]
 
@@ -94,12 +94,7 @@ class GraphAEPredictor(SectionGraphMixin, ExpressionModelBase):
         stats: dict[str, Any] = {}
         if adata is not None:
             arrays = self._training_arrays()
-            x = arrays["counts"].astype(np.float64)
-            lib = np.maximum(x.sum(1, keepdims=True), 1.0)
-            comp = np.log1p(x / lib * 1e4)
-            emb = arrays["embedding"].astype(np.float64)
-            stats = {"embedding_mean": emb.mean(0), "embedding_std": emb.std(0), "composition_mean": comp.mean(0),
-                     "composition_std": comp.std(0), "log_library_mean": float(np.log(lib).mean())}  # fmt: skip
+            stats = input_statistics(arrays["counts"], arrays["embedding"])
         self.module = self._module_cls(
             n_input, int(self.summary_stats.n_vars), n_latent=n_latent, n_hidden_ae=n_hidden_ae, n_hidden=n_hidden,
             n_decoder=n_decoder, dropout_rate=dropout_rate, align_weight=align_weight,

@@ -16,7 +16,7 @@ from ..module._retrieval import RETRIEVAL_KEYS, RetrievalModule
 from ._base import ExpressionModelBase
 from ._persist import CheckpointError
 from ._registry import register_expression_method
-from ._training import validation_scores
+from ._training import input_statistics, validation_scores
 
 __all__ = ["RetrievalPredictor"]
 
@@ -111,11 +111,7 @@ class RetrievalPredictor(ExpressionModelBase):
         stats: dict[str, Any] = {}
         if adata is not None:
             emb = np.asarray(self.adata_manager.get_from_registry(EXPR_KEYS.EMBEDDING_KEY), dtype=np.float64)
-            x = np.asarray(self._training_arrays()["counts"], dtype=np.float64)
-            lib = np.maximum(x.sum(1, keepdims=True), 1.0)
-            comp = np.log1p(x / lib * 1e4)
-            stats = {"embedding_mean": emb.mean(0), "embedding_std": emb.std(0),
-                     "composition_mean": comp.mean(0), "composition_std": comp.std(0)}  # fmt: skip
+            stats = input_statistics(self._training_arrays()["counts"], emb, library=False)
             if use_position and not np.any(self.adata.obsm[_POSITION_OBSM]):
                 msg = (
                     "`use_position=True` needs spot coordinates in the training data "

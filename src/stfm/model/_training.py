@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 if TYPE_CHECKING:
     from ._base import ExpressionModelBase
 
-__all__ = ["ValidationMonitor", "deterministic", "module_device", "validation_scores"]
+__all__ = ["ValidationMonitor", "deterministic", "input_statistics", "module_device", "validation_scores"]
 
 
 def _pearson_mean(pred: np.ndarray, true: np.ndarray) -> float:
@@ -115,3 +115,17 @@ def deterministic(module: torch.nn.Module) -> Iterator[None]:
     finally:
         if on_cpu and not before:
             torch.use_deterministic_algorithms(mode=False)
+
+
+def input_statistics(counts: np.ndarray, embedding: np.ndarray, *, library: bool = True) -> dict[str, Any]:
+    """Standardisation statistics of the training spots that the expression modules take: mean and std of the
+    embedding and of the log composition (log1p counts per 10k), and (``library=True``) the mean log library size."""
+    x = np.asarray(counts, dtype=np.float64)
+    lib = np.maximum(x.sum(1, keepdims=True), 1.0)
+    comp = np.log1p(x / lib * 1e4)
+    emb = np.asarray(embedding, dtype=np.float64)
+    stats: dict[str, Any] = {"embedding_mean": emb.mean(0), "embedding_std": emb.std(0),
+                             "composition_mean": comp.mean(0), "composition_std": comp.std(0)}  # fmt: skip
+    if library:
+        stats["log_library_mean"] = float(np.log(lib).mean())
+    return stats

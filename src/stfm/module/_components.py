@@ -32,6 +32,28 @@ __all__ = [
 ]
 
 
+class ReferenceBank:
+    """Mixin for modules that keep a bank of training spots as buffers (saved with the weights): embedding
+    ``bank_x``, log composition ``bank_logcomp`` (log1p counts per 10k), log depth ``bank_loglib`` and section code
+    ``bank_section``."""
+
+    def _register_bank(self, n_input: int, n_genes: int) -> None:
+        self.register_buffer("bank_x", torch.zeros(0, n_input))
+        self.register_buffer("bank_logcomp", torch.zeros(0, n_genes))
+        self.register_buffer("bank_loglib", torch.zeros(0))
+        self.register_buffer("bank_section", torch.zeros(0, dtype=torch.long))
+
+    def set_bank(self, x: np.ndarray, counts: np.ndarray, section: np.ndarray) -> None:
+        """Store the reference bank (embedding, log composition, log depth and section code of the training spots)."""
+        c = torch.as_tensor(np.asarray(counts, dtype=np.float32))
+        lib = c.sum(-1).clamp(min=1.0)
+        dev = self.bank_x.device
+        self.bank_x = torch.as_tensor(np.asarray(x, dtype=np.float32)).to(dev)
+        self.bank_logcomp = torch.log1p(c / lib.unsqueeze(-1) * 1e4).to(dev)
+        self.bank_loglib = torch.log(lib).to(dev)
+        self.bank_section = torch.as_tensor(np.asarray(section), dtype=torch.long).to(dev)
+
+
 class Standardize(nn.Module):
     """``(x - mean) / std`` with the statistics of the training data held as buffers (saved with the model)."""
 

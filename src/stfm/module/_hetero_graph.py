@@ -27,7 +27,7 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from ._base import ExpressionModuleBase
-from ._components import Standardize, ZINBHead, edge_attention, info_nce, zinb_variance
+from ._components import ReferenceBank, Standardize, ZINBHead, edge_attention, info_nce, zinb_variance
 
 __all__ = ["BiAttention", "HeteroGraphModule"]
 
@@ -75,7 +75,7 @@ class _Layer(nn.Module):
         return self.norm_t(h_t + self.drop(F.gelu(u_t))), self.norm_r(h_r + self.drop(F.gelu(u_r)))
 
 
-class HeteroGraphModule(ExpressionModuleBase):
+class HeteroGraphModule(ReferenceBank, ExpressionModuleBase):
     """Heterogeneous graph network over target spots and the reference spots of other sections (after SpaHGC).
 
     Inputs: target nodes carry their (standardised) embedding; reference nodes their embedding ⊕ their measured
@@ -150,22 +150,9 @@ class HeteroGraphModule(ExpressionModuleBase):
             self.lib_head = nn.Linear(n_hidden, 1)
             nn.init.zeros_(self.lib_head.weight)
             nn.init.constant_(self.lib_head.bias, float(log_library_mean))
-        self.register_buffer("bank_x", torch.zeros(0, n_input))
-        self.register_buffer("bank_logcomp", torch.zeros(0, n_genes))
-        self.register_buffer("bank_loglib", torch.zeros(0))
-        self.register_buffer("bank_section", torch.zeros(0, dtype=torch.long))
+        self._register_bank(n_input, n_genes)
 
     # -- bank ------------------------------------------------------------------------------------------------
-    def set_bank(self, x: np.ndarray, counts: np.ndarray, section: np.ndarray) -> None:
-        """Store the training spots every prediction may link to (embedding, composition, depth, section code)."""
-        c = torch.as_tensor(np.asarray(counts, dtype=np.float32))
-        lib = c.sum(-1).clamp(min=1.0)
-        dev = self.bank_x.device
-        self.bank_x = torch.as_tensor(np.asarray(x, dtype=np.float32)).to(dev)
-        self.bank_logcomp = torch.log1p(c / lib.unsqueeze(-1) * 1e4).to(dev)
-        self.bank_loglib = torch.log(lib).to(dev)
-        self.bank_section = torch.as_tensor(np.asarray(section), dtype=torch.long).to(dev)
-
     @property
     def bank_size(self) -> int:
         """Spots in the reference bank."""

@@ -21,12 +21,12 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from ._base import ExpressionModuleBase
-from ._components import MLP, Standardize, ZINBHead, edge_attention, info_nce, zinb_variance
+from ._components import MLP, ReferenceBank, Standardize, ZINBHead, edge_attention, info_nce, zinb_variance
 
 __all__ = ["MultimodalModule"]
 
 
-class MultimodalModule(ExpressionModuleBase):
+class MultimodalModule(ReferenceBank, ExpressionModuleBase):
     """Three encoders aligned by contrast, then cross-attention fusion over neighbour tokens and a ZINB decoder.
 
     **Stage 1 (``stage='pretrain'``)**: an image encoder (MLP on the embedding), a spatial encoder (two GCN layers on
@@ -85,20 +85,8 @@ class MultimodalModule(ExpressionModuleBase):
         self.retrieval_encoder = MLP(n_input, n_hidden, 1, n_output=n_latent, dropout=dropout_rate, input_dropout=0.1)
         self.retrieval_encoder.requires_grad_(requires_grad=False)
         self.register_buffer("bank_z", torch.zeros(0, n_latent))
-        self.register_buffer("bank_x", torch.zeros(0, n_input))
-        self.register_buffer("bank_logcomp", torch.zeros(0, n_genes))
-        self.register_buffer("bank_loglib", torch.zeros(0))
-        self.register_buffer("bank_section", torch.zeros(0, dtype=torch.long))
+        self._register_bank(n_input, n_genes)
 
-    def set_bank(self, x: np.ndarray, counts: np.ndarray, section: np.ndarray) -> None:
-        """Store the reference bank (embedding, log composition, log depth and section code of the training spots)."""
-        c = torch.as_tensor(np.asarray(counts, dtype=np.float32))
-        lib = c.sum(-1).clamp(min=1.0)
-        dev = self.bank_x.device
-        self.bank_x = torch.as_tensor(np.asarray(x, dtype=np.float32)).to(dev)
-        self.bank_logcomp = torch.log1p(c / lib.unsqueeze(-1) * 1e4).to(dev)
-        self.bank_loglib = torch.log(lib).to(dev)
-        self.bank_section = torch.as_tensor(np.asarray(section), dtype=torch.long).to(dev)
 
     @torch.no_grad()
     def freeze_retrieval(self, chunk: int = 8192) -> None:
