@@ -102,17 +102,18 @@ def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = False) -> It
         raise PermissionError(msg)
     for stale in stale_temporaries(target):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.stfm-tmp-", dir=parent))
-    with _LOCK:
-        _ACTIVE.add(tmp)
-    try:
-        with _signals_cleanup():
+    # the handlers are in place before the temporary exists and until it is gone: no window for a default SIGTERM
+    with _signals_cleanup():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.stfm-tmp-", dir=parent))
+        with _LOCK:
+            _ACTIVE.add(tmp)
+        try:
             yield tmp
             replace_dir(tmp, target)
-    finally:
-        with _LOCK:
-            _ACTIVE.discard(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            with _LOCK:
+                _ACTIVE.discard(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -164,17 +165,17 @@ def atomic_file(target: str | os.PathLike[str], *, overwrite: bool = True) -> It
     for stale in stale_temporaries(target):
         with contextlib.suppress(OSError):
             stale.unlink() if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.stfm-tmp-", suffix=target.suffix, dir=parent)
-    os.close(fd)
-    tmp = Path(name)
-    with _LOCK:
-        _ACTIVE.add(tmp)
-    try:
-        with _signals_cleanup():
+    with _signals_cleanup():
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.stfm-tmp-", suffix=target.suffix, dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+        with _LOCK:
+            _ACTIVE.add(tmp)
+        try:
             yield tmp
             tmp.replace(target)
-    finally:
-        with _LOCK:
-            _ACTIVE.discard(tmp)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        finally:
+            with _LOCK:
+                _ACTIVE.discard(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
