@@ -156,3 +156,50 @@ def test_sigterm_inside_the_swap_keeps_exactly_one_complete_version(moment, tmp_
     assert fired, "the signal was never sent: the swap no longer renames the old version aside"
     assert (target / "v").read_text() == ("old" if moment == "old_renamed_aside" else "new")
     assert stale_temporaries(target) == [], "SIGTERM inside the swap must leave no temporary behind"
+
+
+def test_sigterm_waits_for_writer_threads_before_the_temporary_is_gone(tmp_path):
+    """zarr writes on its own I/O thread (dask on worker threads): a chunk in flight when SIGTERM arrives recreates
+    the temporary after the handler removed it, unless the handler waits for the writers to go quiet."""
+    import threading
+    from pathlib import Path
+
+    from stfm import _atomic
+
+    class Stopped(Exception):
+        pass
+
+    def previous(signum, frame):
+        raise Stopped
+
+    target = tmp_path / "s.zarr"
+    stop = threading.Event()
+    started = threading.Event()
+
+    def writer(tmp: Path) -> None:  # like a store's put: create the parent, then write the chunk
+        i = 0
+        started.set()
+        t_end = time.monotonic() + 0.4
+        while time.monotonic() < t_end and not stop.is_set():
+            chunk = tmp / "x" / "c" / str(i)
+            chunk.parent.mkdir(parents=True, exist_ok=True)
+            chunk.write_bytes(b"0" * 64)
+            i += 1
+            time.sleep(0.002)
+
+    before = signal.signal(signal.SIGTERM, previous)
+    thread = None
+    try:
+        with pytest.raises(Stopped), _atomic.atomic_dir(target) as tmp:
+            thread = threading.Thread(target=writer, args=(tmp,), daemon=True)
+            thread.start()
+            started.wait()
+            os.kill(os.getpid(), signal.SIGTERM)
+        thread.join()  # the writer finishes what it had in flight (a process would be dead by now)
+        assert stale_temporaries(target) == [], "a writer thread recreated the temporary after SIGTERM removed it"
+        assert not target.exists()
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        signal.signal(signal.SIGTERM, before)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,30 @@ _ACTIVE: set[Path] = set()
 _ASIDE: dict[Path, Path] = {}  # old version renamed aside -> the target it belongs to, while a swap is under way
 _LOCK = threading.RLock()  # re-entrant: the signal handler runs on the main thread, possibly inside a locked block
 _PREVIOUS: dict[int, Any] = {}
+_QUIESCE_S = 5.0  # longest wait for other writer threads to go quiet after SIGTERM / SIGINT
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _cleanup_handler(signum: int, frame: Any) -> None:
     with _LOCK:
-        for tmp in list(_ACTIVE):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        active = list(_ACTIVE)
+        # Other threads may still be finishing a write they started (zarr's I/O loop, dask workers) and recreate the
+        # temporary after it is removed; this thread is the one that starts new work, so remove until the
+        # temporaries stay gone (bounded: a write still running after the deadline leaves one for the next write).
+        deadline = time.monotonic() + _QUIESCE_S
+        quiet = 0
+        while active and quiet < 2 and time.monotonic() < deadline:
+            for tmp in active:
+                _remove(tmp)
+            time.sleep(0.05)  # lets a writer thread finish (or fail) what it had in flight
+            quiet = 0 if any(os.path.lexists(t) for t in active) else quiet + 1
         _ACTIVE.clear()
         for aside, target in list(_ASIDE.items()):  # interrupted inside a swap: keep exactly one complete version
             if target.exists():
