@@ -11,8 +11,9 @@ mutable expression inside the named functions — a comparison flipped (``<`` �
 arithmetic operator swapped (``+`` ↔ ``-``, ``*`` ↔ ``/``, ``//`` ↔ ``/``, ``**`` → ``*``), a ``not`` dropped, a
 boolean constant negated, a number changed (``n`` → ``n + 1``, ``0.5`` → ``1.0``; 0 and 1 to each other), a
 slice step reversed (``[::-1]`` → ``[:]``) — and draws up to ``--max-mutants`` of them (seed 0). Each mutant is
-written over the module (``ast.unparse`` of the whole file), the target's tests run (``pytest -x``, a timeout per
-mutant), and the original file is restored. A mutant is *killed* when the tests fail or time out, *survived* when
+written over the module (``ast.unparse`` of the whole file), the target's tests run (``pytest -x``; first once on
+the unmutated code, which must pass and sets the per-mutant timeout to 4× its time), and the original file is
+restored. A mutant is *killed* when the tests fail or time out, *survived* when
 they pass. The page lists the kill rate per target and every survivor with its line, so that each is either killed
 by a new test or shown to be equivalent.
 """
@@ -25,6 +26,7 @@ import copy
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +62,10 @@ _CMP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.
         ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}  # fmt: skip
 _BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
         ast.Pow: ast.Mult, ast.Mod: ast.FloorDiv}  # fmt: skip
+
+
+#: survivors shown to be equivalent (the mutated code computes the same thing), keyed "target:line:mutation"
+EQUIVALENT: dict[str, str] = {}
 
 
 @dataclass
@@ -144,12 +150,20 @@ def run_target(name: str, root: Path, max_mutants: int, timeout: int, seed: int)
     rng = random.Random(f"{seed}:{name}")
     chosen = sorted(rng.sample(cands, min(max_mutants, len(cands))), key=lambda m: m.line)
     env = {**os.environ, "PYTHONPATH": str(root / "src") + os.pathsep + str(root / "tests"), "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    t0 = time.perf_counter()
+    base = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+    baseline = time.perf_counter() - t0
+    if base.returncode != 0:  # a mutant can only be "killed" by tests that pass on the unmutated code
+        msg = f"the {name} tests fail on the unmutated code:\n{base.stdout[-3000:]}"
+        raise SystemExit(msg)
+    timeout = min(timeout, max(120, int(4 * baseline)))  # a mutant that loops is killed by the timeout
+    print(f"  baseline {baseline:.0f} s ({len(cands)} mutable expressions, {len(chosen)} drawn)", flush=True)
     rows = []
     try:
         for m in chosen:
             path.write_text(ast.unparse(_apply(tree, m)) + "\n")
             t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
             try:
                 res = subprocess.run(
                     cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -165,18 +179,19 @@ def run_target(name: str, root: Path, max_mutants: int, timeout: int, seed: int)
         path.write_text(original)
     killed = sum(r["status"] == "killed" for r in rows)
     return {"target": name, "module": module, "functions": list(funcs), "tests": list(tests), "candidates": len(cands),
-            "mutants": len(rows), "killed": killed, "rows": rows}  # fmt: skip
+            "baseline_s": round(baseline, 1), "mutants": len(rows), "killed": killed, "rows": rows}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--max-mutants", type=int, default=12)
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+    ap.add_argument("--timeout", type=int, default=600, help="most seconds per mutant (also capped at 4× the unmutated run, at least 120 s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", type=Path, default=REPO, help="checkout to mutate (restored after each mutant)")
     ap.add_argument("--render", action="store_true", help="rewrite the page from the results JSON")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the mutated module is restored
     if args.render:
         render(json.loads(RESULTS.read_text()))
         return
@@ -187,20 +202,20 @@ def main() -> None:
     if dirty.strip():
         msg = f"{root}/src has uncommitted changes; mutate a clean checkout (`--root`), the script restores files it touches."
         raise SystemExit(msg)
-    out = []
-    for name in args.targets:
-        print(f"{name}:", flush=True)
-        out.append(run_target(name, root, args.max_mutants, args.timeout, args.seed))
-    cmd = "python benchmarks/mutation_testing.py" + (
-        "" if args.targets == list(TARGETS) else " --targets " + " ".join(args.targets)
-    )
-    cmd += "" if args.max_mutants == 12 else f" --max-mutants {args.max_mutants}"
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
     ).stdout.strip()
-    results = {"command": cmd, "commit": commit, "seed": args.seed, "targets": out}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    # results are kept per target: a run of some targets replaces theirs and keeps the others (each row says the
+    # commit and mutant budget it ran with); written after every target, so an interrupted run keeps what it did
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": []}
+    by_name = {t["target"]: t for t in results.get("targets", [])}
+    for name in args.targets:
+        print(f"{name}:", flush=True)
+        t = run_target(name, root, args.max_mutants, args.timeout, args.seed)
+        by_name[name] = {**t, "commit": commit, "max_mutants": args.max_mutants, "seed": args.seed}
+        results = {"targets": [by_name[n] for n in TARGETS if n in by_name]}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     render(results)
     print(f"wrote {PAGE.relative_to(REPO)} and {RESULTS.relative_to(REPO)}")
 
@@ -209,23 +224,25 @@ def render(results: dict) -> None:
     lines = [
         "# Mutation testing",
         "",
-        f"Generated by `{results['command']}` at commit `{results['commit']}` (seed {results['seed']}). Method: the "
-        "script's docstring. A mutant is killed when the target's tests fail under it.",
+        "Generated by `python benchmarks/mutation_testing.py` (every target, up to 12 mutants each, seed 0; "
+        "`--targets` reruns some and keeps the others, each row gives the commit it ran at). Method: the script's "
+        "docstring. A mutant is killed when the target's tests fail (or time out) under it.",
         "",
-        "| target | module | mutable expressions | mutants run | killed | kill rate |",
-        "|---|---|---|---|---|---|",
+        "| target | module | mutable expressions | mutants run | killed | kill rate | commit |",
+        "|---|---|---|---|---|---|---|",
     ]
     tot_m = tot_k = 0
     for t in results["targets"]:
         rate = t["killed"] / t["mutants"] if t["mutants"] else float("nan")
         tot_m, tot_k = tot_m + t["mutants"], tot_k + t["killed"]
         lines.append(
-            f"| {t['target']} | `{t['module']}` | {t['candidates']} | {t['mutants']} | {t['killed']} | {rate:.0%} |"
+            f"| {t['target']} | `{t['module']}` | {t['candidates']} | {t['mutants']} | {t['killed']} | {rate:.0%} "
+            f"| `{t.get('commit', '?')}` |"
         )
     if tot_m:
-        lines.append(f"| **all** | | | {tot_m} | {tot_k} | **{tot_k / tot_m:.0%}** |")
+        lines.append(f"| **all** | | | {tot_m} | {tot_k} | **{tot_k / tot_m:.0%}** | |")
     lines += ["", "## Survivors", "", "| target | line | mutation | why it survives |", "|---|---|---|---|"]
-    notes = results.get("notes", {})
+    notes = EQUIVALENT
     for t in results["targets"]:
         for r in t["rows"]:
             if r["status"] == "survived":
