@@ -460,3 +460,17 @@ def test_resize_tiles_matches_pil_bicubic(b4_image):
     assert resize_tiles(x, 448) is x  # nothing to do
     with pytest.raises(ValueError, match="Expected uint8 tiles"):
         resize_tiles(x.float(), 224)
+
+
+def test_coarse_image_limit_is_four_times_the_tile_resolution(lite0):
+    """An image exactly four times as coarse as the tiles is embedded (the documented limit is "more than four
+    times"); just past it, the error names the way out."""
+    from anndata import AnnData
+
+    img = np.full((400, 400, 3), 200, np.uint8)
+    ad = AnnData(np.ones((2, 3), np.float32), obsm={"spatial": np.array([[150.0, 150.0], [250.0, 250.0]])})
+    # tiles: 0.5 µm/px × 224 px = 112 µm; at 2.0 µm/px a tile is a 56-px crop (4× coarser), allowed
+    out = stfm.pp.extract_features(ad, lite0, img=img, slide_mpp=2.0, mpp=0.5, inplace=False, cache=False)
+    assert out.shape == (2, lite0.embed_dim)
+    with pytest.raises(ValueError, match=r"more than four times as coarse.*`tile_px=56`"):
+        stfm.pp.extract_features(ad, lite0, img=img, slide_mpp=2.001, mpp=0.5, inplace=False, cache=False)

@@ -105,6 +105,25 @@ def test_crop_boxes_centred_and_dataset_resamples():
     assert ds2.level == 1 and ds2.crop_px == 150
 
 
+def test_padded_flags_each_border_on_its_own_axis():
+    """A crop is padded when it reaches past any one border (left, top, right, bottom, on a non-square image) and
+    not when it only touches it; each case is flagged by itself, so an x/y mix-up or an off-by-one shows."""
+    h, w, side = 300, 500, 20  # not square: a height/width swap changes the answer
+    centres = {
+        "inside": (250, 150), "touch left": (10, 150), "touch top": (250, 10), "touch right": (w - 10, 150),
+        "touch bottom": (250, h - 10), "past left": (9, 150), "past top": (250, 9), "past right": (w - 9, 150),
+        "past bottom": (250, h - 9), "past bottom only, x beyond h": (400, h - 9),
+    }  # fmt: skip
+    xy = np.array(list(centres.values()), float)
+    ds = TileDataset(np.full((h, w, 3), 200, np.uint8), xy, side_px=side, tile_px=8, resize=False)
+    flagged = dict(zip(centres, ds.padded.tolist(), strict=True))
+    assert flagged == {k: k.startswith("past") for k in centres}
+    assert ds.n_padded == 5
+    # the padding itself is white, on the side that is past the border only
+    tile = ds.read_tile(list(centres).index("past right"))
+    assert (tile[:, -1] == 255).all() and (tile[:, 0] == 200).all()
+
+
 def test_detect_tissue_and_grid_on_synthetic():
     img = _synthetic_he(1200, 1600)
     mask, ds = stfm.data.detect_tissue(img, max_px=400)  # no µm/px: a thumbnail of at most 1024 px
