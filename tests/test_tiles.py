@@ -219,6 +219,14 @@ def test_make_tiles_then_extract_features_on_lazy_tiff(tmp_path):
     ad.uns["spatial"] = {"s": {"scalefactors": {"microns_per_pixel": 0.5}}}
     ref = stfm.pp.extract_features(ad, enc, img=path, mpp=50.0 / 224, inplace=False, cache=False)
     np.testing.assert_allclose(t.obsm[key], ref, rtol=1e-5, atol=1e-5)
+    # the image element is read through the TIFF itself, pyramid included: coarser tiles come from level 1
+    stfm.pp.extract_features(sdata, enc, mpp=50.0 / 50, tile_px=50, key_added="X_coarse", cache=False)
+    prov = sdata.tables["tiles_table"].uns["stfm"]["X_coarse"]
+    assert prov["level"] == 1 and prov["crop_px"] == 50
+    from stfm.data._sources import TiffSource, source_of
+
+    assert isinstance(source_of(element), TiffSource)
+    assert source_of(element.data + 0) is None  # a computed array is read as it is, never through the file
 
 
 def test_make_tiles_into_existing_spatialdata_and_errors():

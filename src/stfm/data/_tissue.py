@@ -29,7 +29,7 @@ def thumbnail(source: Any, *, max_px: int = 2048) -> tuple[np.ndarray, float]:
         step = max(1, int(np.floor(max(lh, lw) / max_px / 2)))
         arr = src.read_region(0, 0, lw, lh, level=level)[::step, ::step]
     else:
-        arr = _read_level_in_blocks(src, level)
+        arr = _read_level_in_blocks(src, level, max_px)
     scale = min(1.0, max_px / max(arr.shape[:2]))
     size = (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale)))
     if size != (arr.shape[1], arr.shape[0]):
@@ -37,16 +37,21 @@ def thumbnail(source: Any, *, max_px: int = 2048) -> tuple[np.ndarray, float]:
     return arr, float(np.sqrt((h0 / arr.shape[0]) * (w0 / arr.shape[1])))
 
 
-def _read_level_in_blocks(src: ImageSource, level: int, block: int = 4096) -> np.ndarray:
-    """Read a whole pyramid level block by block, striding large levels so memory stays bounded."""
+def _read_level_in_blocks(src: ImageSource, level: int, max_px: int = 4096, block: int = 4096) -> np.ndarray:
+    """Read a whole pyramid level block by block, strided to about twice ``max_px``, so memory stays bounded.
+
+    Each block's strided pixels are copied out before the next block is read: a strided view would keep the
+    whole block alive until the end.
+    """
     lh, lw = src.level_shapes[level]
-    step = max(1, int(np.ceil(max(lh, lw) / 8192)))  # never hold more than ~8k × 8k of this level
+    step = max(1, int(np.floor(max(lh, lw) / (2 * max_px))))  # the BOX resize then averages about 2 × 2 samples
     rows = []
     for y in range(0, lh, block):
         cols = []
         for x in range(0, lw, block):
             part = src.read_region(x, y, min(block, lw - x), min(block, lh - y), level=level)
-            cols.append(part[(-y) % step :: step, (-x) % step :: step])
+            cols.append(np.ascontiguousarray(part[(-y) % step :: step, (-x) % step :: step]))
+            del part
         rows.append(np.concatenate(cols, axis=1))
     return np.concatenate(rows, axis=0)
 
