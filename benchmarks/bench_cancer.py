@@ -97,10 +97,13 @@ def a1_image_experiment(seed: int, epochs: int) -> list[dict]:
     scalef = float(lib["scalefactors"]["tissue_hires_scalef"])
     on_png = a1.copy()
     on_png.obsm["spatial"] = np.asarray(a1.obsm["spatial"]) * scalef
+    png_mpp = float(lib["scalefactors"]["microns_per_pixel"]) / scalef
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stfm.pp.extract_features(on_png, "efficientnet_lite0", img=lib["images"]["hires"],
-                                 slide_mpp=float(lib["scalefactors"]["microns_per_pixel"]) / scalef, show_progress_bar=False)  # fmt: skip
+        # the PNG is far coarser than the encoder's 0.5 µm/px: 112-µm tiles embedded at the image's own resolution
+        # (what extract_features advises), not blown up to 224 px
+        stfm.pp.extract_features(on_png, "efficientnet_lite0", img=lib["images"]["hires"], slide_mpp=png_mpp,
+                                 tile_um=112.0, tile_px=round(112.0 / png_mpp), show_progress_bar=False)  # fmt: skip
     a1.obsm["X_efficientnet_lite0"] = on_png.obsm["X_efficientnet_lite0"]
     x = np.asarray(a1.obsm["spatial"])[:, 0]
     half = x >= np.median(x)
@@ -209,6 +212,11 @@ def main() -> None:
     if not args.no_pca_section:
         variants.append((f"stfm expression (PCA, section-standardised, context 1–8{tag})", "pca", "X_pca_expr",
                          {"standardize": "section"}, {"scales": (1.0, 2.0, 4.0, 8.0)}))  # fmt: skip
+    image_rows = []
+    if not args.no_a1_image:  # first: a few minutes, and it fails early if the image cannot be read
+        t0 = time.time()
+        image_rows = a1_image_experiment(args.seed, clf_epochs)
+        timings.append({"test": "A1 halves", "method": "A1 image experiment", "seconds": time.time() - t0})
     rows = []
     for test in SECTIONS:
         ref_names = [s for s in SECTIONS if s != test]
@@ -246,11 +254,6 @@ def main() -> None:
             ev = stfm.tl.evaluate_cancer_regions(q, undetermined=und, threshold=0.5)
             rows.append({"method": BASELINE, "test": test, **_plain(ev.iloc[0].to_dict()), "val_auc": None})
         print(f"[{test}] baseline: AUC {rows[-2]['auc']:.3f} F1 {rows[-2]['f1']:.3f}", flush=True)
-    image_rows = []
-    if not args.no_a1_image:
-        t0 = time.time()
-        image_rows = a1_image_experiment(args.seed, clf_epochs)
-        timings.append({"test": "A1 halves", "method": "A1 image experiment", "seconds": time.time() - t0})
     flags = [f for f, on in (("--fast", args.fast), ("--no-scvi", args.no_scvi), ("--no-pca", args.no_pca),
                               ("--no-scvi-pool", args.no_scvi_pool), ("--no-pca-section", args.no_pca_section),
                               ("--no-a1-image", args.no_a1_image)) if on]  # fmt: skip
@@ -330,7 +333,8 @@ def render(results: dict) -> str:
               "section with an image, so no labelled image from another patient exists to train on.", ""]  # fmt: skip
     if results.get("a1_image_rows"):
         lines += ["## A1 only: image vs expression vs fused (within-section, NOT patient-level)", "",
-                  "A1 is the only labelled section with an image (3.2 µm/px viewer PNG; EfficientNet-Lite0 features of it). "
+                  "A1 is the only labelled section with an image (3.4 µm/px viewer PNG; EfficientNet-Lite0 features of 112-µm "
+                  "tiles at the PNG's own resolution, about 33 px). "
                   "Spatial 2-fold within A1: train on one half (split at the median x), test on the other; the threshold "
                   "comes from a random 25 % of the training half (one reference section). Same patient in train and test, and A1 is 89 % tumour: these "
                   "numbers show the modalities side by side, they are not transfer numbers.", "",
