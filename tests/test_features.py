@@ -474,3 +474,26 @@ def test_coarse_image_limit_is_four_times_the_tile_resolution(lite0):
     assert out.shape == (2, lite0.embed_dim)
     with pytest.raises(ValueError, match=r"more than four times as coarse.*`tile_px=56`"):
         stfm.pp.extract_features(ad, lite0, img=img, slide_mpp=2.001, mpp=0.5, inplace=False, cache=False)
+
+
+def test_cpu_default_batch_is_16_tiles_and_an_explicit_one_is_kept(lite0, monkeypatch):
+    from anndata import AnnData
+
+    from stfm.pp import _features
+
+    seen = []
+    real = _features.embed_tiles
+
+    def spy(enc, dataset, *, batch_size, **kw):
+        seen.append(batch_size)
+        return real(enc, dataset, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(_features, "embed_tiles", spy)
+    img = np.full((400, 400, 3), 200, np.uint8)
+    ad = AnnData(np.ones((2, 3), np.float32), obsm={"spatial": np.array([[150.0, 150.0], [250.0, 250.0]])})
+    kw = {"img": img, "slide_mpp": 0.5, "inplace": False, "cache": False}
+    stfm.pp.extract_features(ad, lite0, **kw)
+    stfm.pp.extract_features(ad, lite0, batch_size=5, **kw)
+    monkeypatch.setattr(stfm.settings, "_batch_size", 40)
+    stfm.pp.extract_features(ad, lite0, **kw)
+    assert seen == [16, 5, 40]

@@ -30,6 +30,18 @@ def test_import_is_light():
     assert subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+def test_tile_batch_size_depends_on_the_device_until_batch_size_is_set():
+    import torch
+
+    s = stfm._settings.Settings()
+    assert s.batch_size == 64
+    assert s.tile_batch_size(torch.device("cpu")) == 16 and s.tile_batch_size(torch.device("cuda")) == 64
+    s.batch_size = 48  # set by the user: used on every device
+    assert s.tile_batch_size(torch.device("cpu")) == 48 and s.tile_batch_size("cuda") == 48
+    s.batch_size = None
+    assert s.batch_size == 64 and s.tile_batch_size("cpu") == 16
+
+
 def test_settings_validate_and_reset(monkeypatch):
     s = stfm._settings.Settings()
     with pytest.raises(ValueError, match=r"Expected `batch_size` to be a positive integer, found 0"):

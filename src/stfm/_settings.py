@@ -49,7 +49,7 @@ class Settings:
         self._device: str = os.environ.get("STFM_DEVICE", "auto")
         self.amp: bool | None = None
         self.autocast_dtype: str = "bfloat16"
-        self._batch_size: int = 64
+        self._batch_size: int | None = None  # None: 64, and 16 for tile encoders on the CPU (tile_batch_size)
         self._num_workers: int | None = None
         self.show_progress_bar: bool = True
         self._cache_dir: Path = _default_cache_dir()
@@ -90,15 +90,30 @@ class Settings:
     # -- batching ---------------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        """Default inference batch size."""
-        return self._batch_size
+        """Default inference batch size (64). Set it to an integer to use it everywhere, ``None`` for the default."""
+        return 64 if self._batch_size is None else self._batch_size
 
     @batch_size.setter
-    def batch_size(self, value: int) -> None:
+    def batch_size(self, value: int | None) -> None:
+        if value is None:
+            self._batch_size = None
+            return
         if int(value) < 1:
             msg = f"Expected `batch_size` to be a positive integer, found {value!r}."
             raise ValueError(msg)
         self._batch_size = int(value)
+
+    def tile_batch_size(self, device: Any) -> int:
+        """Tiles per encoder forward pass on ``device``: :attr:`batch_size` when it was set, else 64 on an accelerator
+        and 16 on the CPU.
+
+        On the CPU a larger batch is no faster (EfficientNet-Lite0, 1,129 tiles of a 40,960² TIFF: 24 s at 16,
+        26 s at 32) while the activations it holds grow with it (peak RSS of the features stage 1.4 GB at 16,
+        1.7 GB at 32, 2.5 GB at 64, with :attr:`tune_malloc`).
+        """
+        if self._batch_size is not None:
+            return self._batch_size
+        return 16 if getattr(device, "type", str(device)) == "cpu" else 64
 
     @property
     def num_workers(self) -> int:

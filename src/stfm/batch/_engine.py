@@ -178,7 +178,7 @@ def _settings_snapshot() -> dict[str, Any]:
     from .._settings import settings
 
     return {"cache_dir": str(settings.cache_dir), "data_dir": None if settings.data_dir is None else str(settings.data_dir),
-            "offline": bool(settings.offline), "batch_size": int(settings.batch_size),
+            "offline": bool(settings.offline), "batch_size": settings._batch_size,
             "tune_malloc": bool(settings.tune_malloc), "show_progress_bar": False}  # fmt: skip
 
 

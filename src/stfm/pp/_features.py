@@ -130,7 +130,9 @@ def extract_features(
     revision
         Hub revision of the weights (default: the card's pinned one).
     batch_size
-        Tiles per forward pass (default: :attr:`stfm.settings.batch_size`).
+        Tiles per forward pass (default: ``stfm.settings.tile_batch_size(device)``:
+        :attr:`stfm.settings.batch_size` when set, else 64 on an accelerator and 16 on the CPU, where a larger batch
+        is no faster and holds more memory).
     num_workers
         DataLoader worker processes cutting tiles (default: :meth:`stfm.settings.resolve_num_workers` — on the
         CPU only the cores torch's threads leave free, often 0; on an accelerator :attr:`stfm.settings.num_workers`).
@@ -195,7 +197,8 @@ def extract_features(
             "`stfm.io.read_xenium(path)`), not an AnnData."
         )
         raise ValueError(msg)
-    batch_size = settings.batch_size if batch_size is None else int(check_positive(batch_size, name="batch_size"))
+    if batch_size is not None:  # None: resolved for the encoder's device below
+        batch_size = int(check_positive(batch_size, name="batch_size"))
     if num_workers is not None:  # None: resolved for the device in `_embed`
         num_workers = int(check_positive(num_workers, name="num_workers", allow_zero=True))
     progress = settings.show_progress_bar if show_progress_bar is None else bool(show_progress_bar)
@@ -233,6 +236,8 @@ def extract_features(
     from ..encoders import load_encoder
 
     enc = load_encoder(model, model_path=model_path, revision=revision, device=device)
+    if batch_size is None:
+        batch_size = settings.tile_batch_size(enc.device)
     key = key_added if key_added is not None else check_valid_key(f"X_{enc.key}")
     tile_px = int(tile_px) if tile_px is not None else int(enc.tile_px)
     enc_mpp = float(mpp) if mpp is not None else (float(enc.mpp) if enc.mpp is not None else DEFAULT_MPP)
