@@ -469,3 +469,27 @@ def test_fit_cancer_model_ddp_on_two_cpu_processes(monkeypatch):
     before, after = start.module.state_dict(), model.module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the trained weights came back from rank 0
     assert score.shape == (ad.n_obs,) and np.isfinite(score).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["zinb", "hetero_graph"])  # spot minibatches; graph batches (one per section)
+def test_fit_expression_ddp_on_two_cpu_processes(method):
+    """Expression training with two CPU processes (gloo, ``ddp_spawn``): the weights, the validation history and the
+    epoch chosen on it come back from the workers."""
+    import torch
+
+    cohort = stfm.datasets.synthetic_st(n_sections=3, n_patients=2, grid=(10, 10), n_genes=40)
+    kw = {"method": method, "embedding_key": "X_synthetic", "n_top_genes": 20, "seed": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = stfm.tl.fit_expression(cohort, max_epochs=1, train_kwargs={"accelerator": "cpu"}, **kw)
+        model = stfm.tl.fit_expression(cohort, max_epochs=4, train_kwargs={"accelerator": "cpu", "devices": 2,
+                                                                           "strategy": "ddp_spawn_find_unused_parameters_true"}, **kw)  # fmt: skip
+    assert type(model.trainer.strategy).__name__ == "DDPStrategy" and model.trainer.world_size == 2
+    hist = model.validation_history_
+    assert hist is not None and list(hist["epoch"]) == [0, 1, 2, 3]  # one row per epoch, from rank 0
+    assert model.best_epoch_ == int(hist["epoch"][hist["score"].idxmax()])
+    before, after = start.module.state_dict(), model.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    pred = model.predict()
+    assert np.isfinite(pred).all() and pred.shape == (cohort.n_obs, 20)

@@ -29,7 +29,7 @@ from .._settings import settings
 from .._validation import assert_one_of, check_obs_key, check_positive
 from . import _persist
 from ._checks import check_counts, check_embedding, recorded_encoder
-from ._training import ValidationMonitor, deterministic, module_device, validation_scores
+from ._training import ExpressionTrainingPlan, ValidationMonitor, deterministic, module_device, validation_scores
 
 __all__ = ["ExpressionModelBase"]
 
@@ -49,6 +49,8 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
     Every model predicts ``composition × library size``: ``scale`` sums to 1 over the gene panel and the library
     size is the predicted one, the observed one or a number (see :meth:`predict`).
     """
+
+    _training_plan_cls = ExpressionTrainingPlan  # scvi-tools' plan, DDP-safe extra metrics
 
     _module_cls: ClassVar[type]
     method_key: ClassVar[str] = ""
@@ -405,6 +407,8 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
                 callbacks=callbacks,
                 **trainer_kwargs,
             )
+        if monitor is not None:
+            monitor.restore_from(getattr(self, "trainer", None))
         if monitor is not None and monitor.best_epoch is not None:
             self.best_epoch_ = monitor.best_epoch
             self.validation_history_ = pd.DataFrame(monitor.rows)

@@ -8,37 +8,34 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
 
 from ._training import module_device
 
 __all__ = ["SectionGraphMixin"]
 
 
-class _GraphSplitter:
+class _GraphSplitter(LightningDataModule):
     """A LightningDataModule of graph batches: one per training section (or spatial block), one per validation
-    section (or block), built by the model (``model._training_graphs`` / ``model._validation_graphs``)."""
+    section (or block), built by the model (``model._training_graphs`` / ``model._validation_graphs``).
 
-    def __new__(cls, adata_manager, *, model: Any, external_indexing, **kwargs):
-        from lightning.pytorch import LightningDataModule
-        from torch.utils.data import DataLoader
+    A module-level class holding graphs only (not the model), so ``ddp_spawn`` can send it to its workers.
+    """
 
+    def __init__(self, adata_manager: Any, *, model: Any, external_indexing: Any, **kwargs: Any) -> None:
+        super().__init__()
         train_idx, val_idx = np.asarray(external_indexing[0]), np.asarray(external_indexing[1])
+        self.train_idx, self.val_idx, self.test_idx = train_idx, val_idx, np.array([], dtype=int)
+        self.n_train, self.n_val = len(train_idx), len(val_idx)
+        self.train_graphs = model._training_graphs(train_idx)
+        self.val_graphs = model._validation_graphs(val_idx) if len(val_idx) else []
 
-        class _Module(LightningDataModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.train_idx, self.val_idx, self.test_idx = train_idx, val_idx, np.array([], dtype=int)
-                self.n_train, self.n_val = len(train_idx), len(val_idx)
-                self.train_graphs = model._training_graphs(train_idx)
-                self.val_graphs = model._validation_graphs(val_idx) if len(val_idx) else []
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_List(self.train_graphs), batch_size=None, shuffle=True)
 
-            def train_dataloader(self):
-                return DataLoader(_List(self.train_graphs), batch_size=None, shuffle=True)
-
-            def val_dataloader(self):
-                return DataLoader(_List(self.val_graphs), batch_size=None, shuffle=False) if self.val_graphs else []
-
-        return _Module()
+    def val_dataloader(self) -> DataLoader | list:
+        return DataLoader(_List(self.val_graphs), batch_size=None, shuffle=False) if self.val_graphs else []
 
 
 class _List(torch.utils.data.Dataset):

@@ -10,11 +10,34 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
+from scvi.train import TrainingPlan
 
 if TYPE_CHECKING:
     from ._base import ExpressionModelBase
 
-__all__ = ["ValidationMonitor", "deterministic", "input_statistics", "module_device", "validation_scores"]
+__all__ = ["ExpressionTrainingPlan", "ValidationMonitor", "deterministic", "input_statistics", "module_device", "validation_scores"]
+
+
+class ExpressionTrainingPlan(TrainingPlan):
+    """scvi-tools' :class:`~scvi.train.TrainingPlan`, with the module's extra metrics logged outside inference mode.
+
+    scvi-tools logs ``LossOutput.extra_metrics`` from inside ``torch.inference_mode()``, so Lightning's accumulators
+    for them are inference tensors; with several processes (DDP) the epoch-end all-reduce updates them in place,
+    which torch refuses. Logged here instead, after scvi-tools' own metrics, with the same options.
+    """
+
+    def compute_and_log_metrics(self, loss_output: Any, metrics: dict[str, Any], mode: str) -> None:
+        extra = loss_output.extra_metrics
+        loss_output.extra_metrics = {}
+        try:
+            super().compute_and_log_metrics(loss_output, metrics, mode)
+        finally:
+            loss_output.extra_metrics = extra
+        for key, met in extra.items():
+            if isinstance(met, torch.Tensor) and met.shape != torch.Size([]):
+                continue  # (scvi-tools does not log non-scalar extra metrics either)
+            self.log(f"{key}_{mode}", met.detach() if isinstance(met, torch.Tensor) else met, on_step=self.on_step,
+                     on_epoch=self.on_epoch, batch_size=loss_output.n_obs_minibatch, sync_dist=self.use_sync_dist)  # fmt: skip
 
 
 def _pearson_mean(pred: np.ndarray, true: np.ndarray) -> float:
@@ -89,9 +112,26 @@ class ValidationMonitor(Callback):
         elif self.patience is not None and self.best_epoch is not None and epoch - self.best_epoch >= self.patience:
             trainer.should_stop = True
 
+    _COLUMNS = ("epoch", "raw", "composition", "mean", "score")
+    _KEY = "stfm_validation_rows"
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.state is not None:
             pl_module.module.load_state_dict(self.state)
+        if self.rows:  # travels back to the main process with `callback_metrics` when training ran in spawned workers
+            table = [[float(r.get(c, np.nan)) for c in self._COLUMNS] for r in self.rows]
+            trainer.callback_metrics[self._KEY] = torch.tensor(table, dtype=torch.float64)
+
+    def restore_from(self, trainer) -> None:
+        """Rows and best epoch from ``trainer.callback_metrics``, when this process did not train (``ddp_spawn``)."""
+        if self.best_epoch is not None or trainer is None or self._KEY not in trainer.callback_metrics:
+            return
+        table = trainer.callback_metrics[self._KEY].cpu().numpy()
+        self.rows = [dict(zip(self._COLUMNS, (int(r[0]), *map(float, r[1:])), strict=True)) for r in table]
+        scores = table[:, -1]
+        if np.isfinite(scores).any():
+            best = int(np.nanargmax(scores))  # the first of equal maxima, as during training
+            self.best, self.best_epoch = float(scores[best]), int(table[best, 0])
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
