@@ -170,10 +170,10 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
         empty = torch.zeros((2, 0), dtype=torch.long)
         has_rr = ("reference", "similar", "reference") in h.edge_types
         rr = h["reference", "similar", "reference"].edge_index if has_rr else empty
+        target_counts = np.zeros((n_t, self.module.n_genes), np.float32) if counts is None else counts
         return {
             "target_x": torch.as_tensor(target_x, dtype=torch.float32),
-            "target_counts": torch.as_tensor(np.zeros((n_t, self.module.n_genes), np.float32) if counts is None else counts,
-                                             dtype=torch.float32),  # fmt: skip
+            "target_counts": torch.as_tensor(target_counts, dtype=torch.float32),
             "target_core": torch.as_tensor(core.astype(np.float32)),
             "ref_x": torch.as_tensor(bank_x[bank_rows]),
             "ref_logcomp": torch.as_tensor(bank_lc[bank_rows]),
