@@ -194,10 +194,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", type=Path, default=REPO, help="checkout to mutate (restored after each mutant)")
     ap.add_argument("--render", action="store_true", help="rewrite the page from the results JSON")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="results JSON to read and update")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="combine results files of runs on separate checkouts (per target, later files win) into "
+                         "--results and render the page")  # fmt: skip
     args = ap.parse_args()
+    results_path = args.results
+    if args.merge:
+        by_target: dict[str, dict] = {}
+        for f in args.merge:
+            by_target.update({t["target"]: t for t in json.loads(f.read_text())["targets"]})
+        merged = {"targets": [by_target[n] for n in TARGETS if n in by_target]}
+        results_path.write_text(json.dumps(merged, indent=1) + "\n")
+        render(merged)
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the mutated module is restored
     if args.render:
-        render(json.loads(RESULTS.read_text()))
+        render(json.loads(results_path.read_text()))
         return
     root = args.root.resolve()
     dirty = subprocess.run(
@@ -211,17 +224,17 @@ def main() -> None:
     ).stdout.strip()
     # results are kept per target: a run of some targets replaces theirs and keeps the others (each row says the
     # commit and mutant budget it ran with); written after every target, so an interrupted run keeps what it did
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": []}
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"targets": []}
     by_name = {t["target"]: t for t in results.get("targets", [])}
     for name in args.targets:
         print(f"{name}:", flush=True)
         t = run_target(name, root, args.max_mutants, args.timeout, args.seed)
         by_name[name] = {**t, "commit": commit, "max_mutants": args.max_mutants, "seed": args.seed}
         results = {"targets": [by_name[n] for n in TARGETS if n in by_name]}
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
     render(results)
-    print(f"wrote {PAGE.relative_to(REPO)} and {RESULTS.relative_to(REPO)}")
+    print(f"wrote {PAGE.relative_to(REPO)} and {results_path}")
 
 
 def render(results: dict) -> None:
