@@ -69,7 +69,14 @@ _BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult
 
 
 #: survivors shown to be equivalent (the mutated code computes the same thing), keyed "target:line:mutation"
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "tiles:94:2 → 3": "`xy[:, :2]` → `xy[:, :3]`: the same array for (n, 2) coordinates; a third column would be "
+    "kept but nothing downstream reads it (`crop_boxes` takes `[:, :2]`). Equivalent.",
+    "folds:126:0 → 1": "`members[0]` → `members[1]` of an ensemble, read only when the model itself has no gene "
+    "sets: every member is fitted on the same genes and has the same `gene_sets_`. Equivalent.",
+    "checksums:69:20 → 21": "the read block of the SHA-256 loop (1 MiB → 2 MiB): the digest does not depend on it. "
+    "Equivalent.",
+}
 
 
 @dataclass
