@@ -209,3 +209,20 @@ def test_optional_parts_missing_warn(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"her2st B4: loading without .*image \(data/ST-imgs/B/B4/BT10737_D2_HE.jpg\)"):
         adata = stfm.datasets.her2st("B4")
     assert adata.n_obs == 283 and adata.uns["spatial"]["B4"]["images"] == {}
+
+
+def test_fetch_section_reads_only_the_parts_asked_for():
+    """`her2st(labels=False)` must not touch the label file (patients E–H's labels stay unread by design)."""
+    import warnings
+
+    from stfm.datasets._her2st import fetch_section
+
+    some = fetch_section("B1", parts=("counts", "spots"))
+    assert some["counts"].is_file() and some["spots"].is_file()
+    assert {k for k, v in some.items() if v is not None} == {"counts", "spots"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # B1 has no image in the repository: a warning, not an error
+        every = fetch_section("B1")
+    assert every["counts"] == some["counts"] and every["labels"] is not None and every["labels"].is_file()
+    ad = stfm.datasets.her2st("B1", image=False, labels=False, clusters=False)
+    assert "pathologist_label" not in ad.obs and "expression_cluster" not in ad.obs
