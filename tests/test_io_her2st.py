@@ -213,16 +213,13 @@ def test_optional_parts_missing_warn(tmp_path, monkeypatch):
 
 def test_fetch_section_reads_only_the_parts_asked_for():
     """`her2st(labels=False)` must not touch the label file (patients E–H's labels stay unread by design)."""
-    import warnings
-
     from stfm.datasets._her2st import fetch_section
 
     some = fetch_section("B1", parts=("counts", "spots"))
     assert some["counts"].is_file() and some["spots"].is_file()
     assert {k for k, v in some.items() if v is not None} == {"counts", "spots"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # B1 has no image in the repository: a warning, not an error
-        every = fetch_section("B1")
+    with pytest.warns(UserWarning, match=r"loading without image \(no H&E image of B1 is published"):
+        every = fetch_section("B1")  # B1 has no image in the repository: a warning that says so, not an error
     assert every["counts"] == some["counts"] and every["labels"] is not None and every["labels"].is_file()
     ad = stfm.datasets.her2st("B1", image=False, labels=False, clusters=False)
     assert "pathologist_label" not in ad.obs and "expression_cluster" not in ad.obs
