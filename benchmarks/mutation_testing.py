@@ -74,6 +74,8 @@ EQUIVALENT: dict[str, str] = {
     "kept but nothing downstream reads it (`crop_boxes` takes `[:, :2]`). Equivalent.",
     "folds:126:0 → 1": "`members[0]` → `members[1]` of an ensemble, read only when the model itself has no gene "
     "sets: every member is fitted on the same genes and has the same `gene_sets_`. Equivalent.",
+    "folds:373:0 → 1": "the default of `getattr(members[0], 'smoothing_', 0)`: every fitted model sets "
+    "`smoothing_` (0 when no smoothing was chosen), so the default is never read. Equivalent.",
     "checksums:69:20 → 21": "the read block of the SHA-256 loop (1 MiB → 2 MiB): the digest does not depend on it. "
     "Equivalent.",
     "checksums:118:False → True": "pooch's progress bar during a download switched on: display only. Equivalent.",
@@ -83,6 +85,9 @@ EQUIVALENT: dict[str, str] = {
 KILLED_LATER: dict[str, str] = {
     "checksums:137:IsNot → Is": "killed by `tests/test_io_her2st.py::test_fetch_section_reads_only_the_parts_asked_"
     "for` (added after this run): unrequested parts were fetched (labels with `labels=False`).",
+    "folds:320:In → NotIn": "killed by `tests/test_expression.py::test_cross_validate_every_fold_keeps_the_test_"
+    "patient_out` (extended after this run): the leak error must name the leaking section, and a clean explicit "
+    "fold must run.",
     "checksums:142:Eq → NotEq": "killed by the same test (it now checks the warning for a section with no published "
     "image, which the mutant drops).",
 }

@@ -401,8 +401,11 @@ def test_cross_validate_every_fold_keeps_the_test_patient_out(feats):
         stfm.tl.evaluate_expression(q, model=model, normalize=True).iloc[0]["pearson_all"]
     )
     # the leak guard: a fold training on the test patient's other section
-    with pytest.raises(ValueError, match=r"leaks patient-specific signal.*split='section'"):
+    with pytest.raises(ValueError, match=r"trains on sections \['C2'\] of test patient.*leaks patient-specific signal.*split='section'"):
         stfm.tl.cross_validate(secs, method="ridge", embedding_key=EMB, folds=[(["C2", "B4"], ["C3"])])
+    # an explicit fold that keeps the test patient out runs under the patient split
+    clean = stfm.tl.cross_validate(secs, method="ridge", embedding_key=EMB, folds=[(["C2", "C3"], ["B4"])], n_top_genes=20)
+    assert list(clean["test_section"]) == ["B4"] and not clean["leaky"].any()
     leaky = stfm.tl.cross_validate(
         secs, method="ridge", embedding_key=EMB, split="section", folds=[(["C2", "B4"], ["C3"])], n_top_genes=20
     )
