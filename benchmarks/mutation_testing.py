@@ -88,6 +88,8 @@ KILLED_LATER: dict[str, str] = {
     "folds:320:In → NotIn": "killed by `tests/test_expression.py::test_cross_validate_every_fold_keeps_the_test_"
     "patient_out` (extended after this run): the leak error must name the leaking section, and a clean explicit "
     "fold must run.",
+    "readers:230:`not` dropped": "killed by `tests/test_io_her2st.py::test_a_section_id_given_as_a_path_says_how_to_"
+    "fetch_it` (added after this run): the mutant gave a generic message instead of the way to fetch the section.",
     "checksums:142:Eq → NotEq": "killed by the same test (it now checks the warning for a section with no published "
     "image, which the mutant drops).",
 }

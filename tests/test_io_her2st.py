@@ -223,3 +223,9 @@ def test_fetch_section_reads_only_the_parts_asked_for():
     assert every["counts"] == some["counts"] and every["labels"] is not None and every["labels"].is_file()
     ad = stfm.datasets.her2st("B1", image=False, labels=False, clusters=False)
     assert "pathologist_label" not in ad.obs and "expression_cluster" not in ad.obs
+
+
+def test_a_section_id_given_as_a_path_says_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file called "A1" here
+    with pytest.raises(FileNotFoundError, match=r"'A1' is a her2st section id, not a path.*stfm\.datasets\.her2st\('A1'\)"):
+        stfm.io.read_her2st("A1")
