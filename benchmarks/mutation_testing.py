@@ -76,6 +76,8 @@ EQUIVALENT: dict[str, str] = {
     "sets: every member is fitted on the same genes and has the same `gene_sets_`. Equivalent.",
     "folds:373:0 → 1": "the default of `getattr(members[0], 'smoothing_', 0)`: every fitted model sets "
     "`smoothing_` (0 when no smoothing was chosen), so the default is never read. Equivalent.",
+    "validation:24:Gt → GtE": "`den > 1e-12` → `>=`: differs only for a gene whose variance product is exactly "
+    "1e-12 in floating point. Equivalent in practice.",
     "checksums:69:20 → 21": "the read block of the SHA-256 loop (1 MiB → 2 MiB): the digest does not depend on it. "
     "Equivalent.",
     "checksums:118:False → True": "pooch's progress bar during a download switched on: display only. Equivalent.",
@@ -90,6 +92,12 @@ KILLED_LATER: dict[str, str] = {
     "fold must run.",
     "readers:230:`not` dropped": "killed by `tests/test_io_her2st.py::test_a_section_id_given_as_a_path_says_how_to_"
     "fetch_it` (added after this run): the mutant gave a generic message instead of the way to fetch the section.",
+    **{f"geometry:{line}:{m}": "killed by `tests/test_graph.py::test_spatial_blocks_partition_the_spots_and_each_"
+       "halo_holds_every_neighbour` (added after this run; brute-force halo and partition on a grid whose block "
+       "edges fall on spots)" for line, m in ((204, "0 → 1"), (210, "Add → Sub"), (211, "1 → 0"),
+                                              (213, "Sub → Add"), (221, "1 → 0"), (222, "GtE → Gt"))},
+    "geometry:143:2 → 3": "killed by `tests/test_graph.py::test_radius_graph_links_a_two_spot_section` (added after "
+    "this run).",
     "checksums:142:Eq → NotEq": "killed by the same test (it now checks the warning for a section with no published "
     "image, which the mutant drops).",
 }

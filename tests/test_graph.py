@@ -121,3 +121,34 @@ def test_reference_graph_links_each_target_to_every_reference_section():
         g.reference_graph(xy, tx, refs, k_reference=28)
     with pytest.raises(ValueError, match="same encoder"):
         g.reference_graph(xy, tx[:, :4], refs)
+
+
+def test_spatial_blocks_partition_the_spots_and_each_halo_holds_every_neighbour():
+    """Checked by brute force on a non-square integer grid whose block edges fall on spots: every spot is in exactly
+    one core, and a block's members are every spot within ``halo`` (inclusive) of one of its core spots, and no spot
+    much farther."""
+    yy, xx = np.mgrid[0:13, 0:21]
+    xy = np.stack([xx.ravel() + 3.0, yy.ravel() + 5.0], 1)  # 21 × 13 spots, 273 in all, off the origin
+    halo = 2.0
+    blocks = g.spatial_blocks(xy, 20, halo)
+    assert len(blocks) == 16  # ceil(sqrt(273 / 20)) = 4 blocks a side
+    cores = np.concatenate([c for c, _ in blocks])
+    np.testing.assert_array_equal(np.sort(cores), np.arange(len(xy)))
+    sizes = [len(c) for c, _ in blocks]
+    assert max(sizes) <= 2 * min(sizes), sizes  # equal squares of the section's extent: similar spot counts
+    for core, members in blocks:
+        cheb = np.abs(xy[:, None, :] - xy[None, core, :]).max(-1).min(1)  # L∞ distance to the nearest core spot
+        want = np.flatnonzero(cheb <= halo)
+        assert np.isin(want, members).all(), "a spot within the halo of a core spot is missing"
+        assert (cheb[members] <= halo + 1.0).all(), "a member lies beyond the halo"
+    # one block when the section is small
+    (core, members), = g.spatial_blocks(xy[:20], 20, halo)
+    np.testing.assert_array_equal(core, np.arange(20))
+
+
+def test_radius_graph_links_a_two_spot_section():
+    xy = np.array([[0.0, 0.0], [1.0, 0.0], [50.0, 50.0], [51.0, 50.0], [90.0, 0.0]])
+    w = g.radius_graph(xy, 2.0, groups=np.array(["a", "a", "b", "b", "c"]), fallback_k=None)
+    dense = w.toarray() > 0
+    assert dense[0, 1] and dense[1, 0] and dense[2, 3] and dense[3, 2]
+    assert not dense[4].any() and dense.sum() == 4  # the one-spot section stays isolated; nothing across sections
