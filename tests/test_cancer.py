@@ -273,6 +273,8 @@ def test_bad_input_errors(fitted, synth):
                                  positive=("invasive cancer",), ignore=("undetermined",), **kw)  # fmt: skip
     with pytest.raises(ValueError, match=r"Unknown label names \['tumour'\].*Labels present"):
         stfm.tl.fit_cancer_model(ref, positive=("invasive cancer", "tumour"), **kw)
+    with pytest.raises(KeyError, match=r"`obsm\['X_nope'\]` is not in any reference section\. Available obsm keys: \[.*'X_img'"):
+        stfm.tl.fit_cancer_model(ref["S0"], **{**kw, "use_rep": "X_nope"})  # one section: its keys are listed
     with pytest.raises(ValueError, match="Neither `use_rep`"):
         stfm.tl.fit_cancer_model(ref, **{**kw, "use_rep": None, "expr_rep": None})
     no_xy = {k: v.copy() for k, v in ref.items()}
@@ -390,3 +392,28 @@ def test_each_threshold_fold_model_never_trained_on_its_held_out_section(synth):
     for held_out, info in folds.items():
         assert info["trained_on"] == sorted({"S0", "S1", "S2"} - {held_out})
         assert np.isfinite(info["auc"]) and info["n_spots"] > 0
+
+
+def test_a_threshold_fold_without_positives_in_training_is_skipped(synth):
+    """Holding out the only section with tumour leaves a fold whose training sections have none: that fold is skipped
+    and logged, not trained on one class; the pooled validation labels then lack tumour, which is an error that
+    says so (not a threshold chosen on negatives alone)."""
+    ref = {"S0": synth["S0"]}
+    for k in ("S1", "S2"):
+        ref[k] = synth[k][synth[k].obs.pathologist_label != "invasive cancer"].copy()
+    import logging
+
+    from stfm._logging import logger
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(), pytest.raises(ValueError, match="must contain both classes"):
+            warnings.simplefilter("ignore")
+            stfm.tl.fit_cancer_model(ref, use_rep="X_img", expr_rep="X_expr", seed=0, positive=("invasive cancer",),
+                                     ignore=("undetermined",), **FAST)  # fmt: skip
+    finally:
+        logger.removeHandler(handler)
+    assert any("skipping validation fold S0" in m for m in seen), seen
