@@ -78,6 +78,7 @@ EQUIVALENT: dict[str, str] = {
     "`smoothing_` (0 when no smoothing was chosen), so the default is never read. Equivalent.",
     "validation:24:Gt → GtE": "`den > 1e-12` → `>=`: differs only for a gene whose variance product is exactly "
     "1e-12 in floating point. Equivalent in practice.",
+    "regions:38:2 → 3": "`coords[:, :2]` → `coords[:, :3]`: the same array for (n, 2) coordinates. Equivalent.",
     "checksums:69:20 → 21": "the read block of the SHA-256 loop (1 MiB → 2 MiB): the digest does not depend on it. "
     "Equivalent.",
     "checksums:118:False → True": "pooch's progress bar during a download switched on: display only. Equivalent.",
@@ -102,6 +103,10 @@ KILLED_LATER: dict[str, str] = {
     "missing `use_rep` on one section lists that section's keys).",
     "thresholds:222:0 → 1": "killed by `tests/test_cancer.py::test_a_threshold_fold_without_positives_in_training_is_"
     "skipped` (added after this run).",
+    "validation:42:1 → 0": "killed by `tests/test_expression.py::test_validation_scores_match_an_independent_"
+    "computation` (added after this run: the composition metric against scipy, spot by spot).",
+    "regions:45:1 → 0": "killed by `tests/test_graph.py::test_call_regions_with_a_one_spot_section` (added after this "
+    "run).",
     "checksums:142:Eq → NotEq": "killed by the same test (it now checks the warning for a section with no published "
     "image, which the mutant drops).",
 }

@@ -501,3 +501,32 @@ def test_error_copy_and_inplace(zinb, feats):
         stfm.tl.predict_expression(feats["B4"][:, zinb.genes].copy(), zinb, key_added="bad key")
     with pytest.raises(KeyError, match=r"Run `stfm.tl.predict_expression"):
         stfm.tl.evaluate_expression(feats["B4"])
+
+
+def test_validation_scores_match_an_independent_computation():
+    """The early-stopping metric, per section then averaged: raw = per-gene Pearson of log1p values, composition =
+    the same on log1p counts per 10k of each spot (computed here with scipy, spot by spot)."""
+    from scipy.stats import pearsonr
+
+    from stfm.model import validation_scores
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.gamma(2.0, 3.0, size=(60, 8)) * rng.uniform(0.3, 3, size=(60, 1))).astype(float)
+    mean = counts * rng.uniform(0.5, 1.5, size=counts.shape) + 0.5
+    groups = np.array(["s1"] * 25 + ["s2"] * 35)
+
+    def per_section(f):
+        out = []
+        for gname in ("s1", "s2"):
+            m = groups == gname
+            p, t = f(mean[m]), f(counts[m])
+            out.append(np.mean([pearsonr(p[:, j], t[:, j])[0] for j in range(p.shape[1])]))
+        return float(np.mean(out))
+
+    def cp10k(x):
+        return np.log1p(np.array([row / row.sum() * 1e4 for row in x]))
+
+    got = validation_scores(mean, counts, groups)
+    assert got["raw"] == pytest.approx(per_section(np.log1p), abs=1e-9)
+    assert got["composition"] == pytest.approx(per_section(cp10k), abs=1e-9)
+    assert got["mean"] == pytest.approx((got["raw"] + got["composition"]) / 2, abs=1e-12)

@@ -152,3 +152,17 @@ def test_radius_graph_links_a_two_spot_section():
     dense = w.toarray() > 0
     assert dense[0, 1] and dense[1, 0] and dense[2, 3] and dense[3, 2]
     assert not dense[4].any() and dense.sum() == 4  # the one-spot section stays isolated; nothing across sections
+
+
+def test_call_regions_with_a_one_spot_section():
+    """A section of one spot (a lone tile, a cropped section) has no neighbours: its call is kept as it is, and the
+    other sections are unaffected."""
+    yy, xx = np.mgrid[0:4, 0:4]
+    xy = np.vstack([np.stack([xx.ravel(), yy.ravel()], 1), [[100.0, 100.0]]]).astype(float)
+    tumour = np.zeros(17, bool)
+    tumour[[0, 1, 4, 5]] = True  # a 2 × 2 tumour corner of the grid
+    tumour[16] = True
+    groups = np.array(["a"] * 16 + ["b"])
+    calls = np.asarray(g.call_regions(xy, tumour, groups=groups))
+    assert calls[16] == "tumor"  # alone in its section: no neighbour of the other call, so not boundary
+    assert calls[0] == "tumor" and (calls[[1, 4, 5]] == "boundary").all() and calls[15] == "non-tumor"
