@@ -79,6 +79,8 @@ EQUIVALENT: dict[str, str] = {
     "validation:24:Gt → GtE": "`den > 1e-12` → `>=`: differs only for a gene whose variance product is exactly "
     "1e-12 in floating point. Equivalent in practice.",
     "regions:38:2 → 3": "`coords[:, :2]` → `coords[:, :3]`: the same array for (n, 2) coordinates. Equivalent.",
+    "regions:51:False → True": "`connected_components(directed=True)` on the tumour adjacency: scipy's default "
+    "`connection='weak'` then gives the undirected components. Equivalent.",
     "checksums:69:20 → 21": "the read block of the SHA-256 loop (1 MiB → 2 MiB): the digest does not depend on it. "
     "Equivalent.",
     "checksums:118:False → True": "pooch's progress bar during a download switched on: display only. Equivalent.",
