@@ -81,6 +81,8 @@ EQUIVALENT: dict[str, str] = {
     "regions:38:2 → 3": "`coords[:, :2]` → `coords[:, :3]`: the same array for (n, 2) coordinates. Equivalent.",
     "regions:51:False → True": "`connected_components(directed=True)` on the tumour adjacency: scipy's default "
     "`connection='weak'` then gives the undirected components. Equivalent.",
+    "regions:73:8 → 9": "`quad_segs` of the disks around tumour spots (8 → 9 segments per quarter circle): a finer "
+    "outline of the same region, the same spots inside. Equivalent.",
     "checksums:69:20 → 21": "the read block of the SHA-256 loop (1 MiB → 2 MiB): the digest does not depend on it. "
     "Equivalent.",
     "checksums:118:False → True": "pooch's progress bar during a download switched on: display only. Equivalent.",
@@ -109,6 +111,10 @@ KILLED_LATER: dict[str, str] = {
     "computation` (added after this run: the composition metric against scipy, spot by spot).",
     "regions:45:1 → 0": "killed by `tests/test_graph.py::test_call_regions_with_a_one_spot_section` (added after this "
     "run).",
+    "validation:71:True → False": "killed by `tests/test_expression.py::test_early_stopping_on_elbo` (extended "
+    "after this run: the rows of a method that predicts in every stage carry its Pearson).",
+    "validation:89:Sub → Add": "killed by `tests/test_expression.py::test_monitor_stops_patience_epochs_after_the_"
+    "best_and_restores_it` (added after this run).",
     "checksums:142:Eq → NotEq": "killed by the same test (it now checks the warning for a section with no published "
     "image, which the mutant drops).",
 }

@@ -183,6 +183,35 @@ def test_early_stopping_on_elbo(feats):
     elbo = np.array([float(v) for v in model.history["elbo_validation"].to_numpy().ravel()])
     assert model.best_epoch_ == int(np.argmin(elbo[: len(hist)]))
     np.testing.assert_allclose(hist["score"].to_numpy(), -elbo[: len(hist)], rtol=1e-5)
+    assert np.isfinite(hist["raw"]).all()  # zinb predicts in every stage: the rows carry its Pearson too
+
+
+def test_monitor_stops_patience_epochs_after_the_best_and_restores_it():
+    """The early-stopping rule itself, on a scripted validation curve: best at epoch 2, patience 2 → training stops at
+    the end of epoch 4, and the weights of epoch 2 are put back."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stfm.model._training import ValidationMonitor
+
+    module = torch.nn.Linear(1, 1)
+    module.predicts_in_stage = False  # a stage without predictions: the ELBO alone decides
+    monitor = ValidationMonitor(None, {}, metric="mean", patience=2, elbo=True)
+    stops, weights = [], {}
+    for epoch, elbo in enumerate([5.0, 4.0, 3.0, 3.5, 3.6, 3.7]):
+        with torch.no_grad():
+            module.weight.fill_(float(epoch))
+        weights[epoch] = float(epoch)
+        trainer = SimpleNamespace(sanity_checking=False, current_epoch=epoch, should_stop=False,
+                                  callback_metrics={"elbo_validation": torch.tensor(elbo)})  # fmt: skip
+        monitor.on_validation_epoch_end(trainer, SimpleNamespace(module=module))
+        stops.append(trainer.should_stop)
+        if trainer.should_stop:
+            break
+    assert stops == [False, False, False, False, True] and monitor.best_epoch == 2
+    monitor.on_train_end(SimpleNamespace(callback_metrics={}), SimpleNamespace(module=module))
+    assert float(module.weight) == weights[2]
 
 
 @pytest.mark.parametrize("method", ["zinb", "ridge", "retrieval", "hetero_graph"])
