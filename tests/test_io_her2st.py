@@ -229,3 +229,17 @@ def test_a_section_id_given_as_a_path_says_how_to_fetch_it(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # no file called "A1" here
     with pytest.raises(FileNotFoundError, match=r"'A1' is a her2st section id, not a path.*stfm\.datasets\.her2st\('A1'\)"):
         stfm.io.read_her2st("A1")
+
+
+def test_microns_per_pixel_from_a_crop_under_one_array_step_wide():
+    """A crop of three spots whose subpixel array x spans 0.9 steps (one row): µm/px still comes from that axis, and a
+    crop with no spread at all is an error that says why."""
+    import pandas as pd
+
+    from stfm.io._her2st import _microns_per_pixel
+
+    spots = pd.DataFrame({"new_x": [1.0, 1.45, 1.9], "pixel_x": [250.0, 317.5, 385.0], "new_y": [5.0] * 3,
+                          "pixel_y": [300.0] * 3})  # fmt: skip
+    assert _microns_per_pixel(spots) == pytest.approx(200.0 / 150.0)
+    with pytest.raises(ValueError, match="all spots share one array coordinate"):
+        _microns_per_pixel(spots.assign(new_x=1.0))
