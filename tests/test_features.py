@@ -489,6 +489,7 @@ def test_cpu_default_batch_is_16_tiles_and_an_explicit_one_is_kept(lite0, monkey
         return real(enc, dataset, batch_size=batch_size, **kw)
 
     monkeypatch.setattr(_features, "embed_tiles", spy)
+    monkeypatch.setattr(stfm.settings, "_batch_size", None)  # the default, whatever earlier tests set
     img = np.full((400, 400, 3), 200, np.uint8)
     ad = AnnData(np.ones((2, 3), np.float32), obsm={"spatial": np.array([[150.0, 150.0], [250.0, 250.0]])})
     kw = {"img": img, "slide_mpp": 0.5, "inplace": False, "cache": False}

@@ -223,7 +223,8 @@ def test_make_tiles_then_extract_features_on_lazy_tiff(tmp_path):
     stfm.pp.extract_features(sdata, enc, mpp=50.0 / 50, tile_px=50, key_added="X_coarse", cache=False)
     prov = sdata.tables["tiles_table"].uns["stfm"]["X_coarse"]
     assert prov["level"] == 1 and prov["crop_px"] == 50
-    from stfm.data._sources import TiffSource, source_of
+    from stfm.data import TiffSource
+    from stfm.data._unwrap import source_of
 
     assert isinstance(source_of(element), TiffSource)
     assert source_of(element.data + 0) is None  # a computed array is read as it is, never through the file

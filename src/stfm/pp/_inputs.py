@@ -383,7 +383,7 @@ def _outlines(
 def image_source(element: Any, name: str) -> ImageSource:
     """A lazy :class:`~stfm.data.LazyArraySource` over a SpatialData image element (all pyramid levels, finest first)."""
     from ..data import LazyArraySource
-    from ..data._sources import source_of
+    from ..data._unwrap import source_of
 
     if type(element).__name__ == "DataArray":
         if (src := source_of(element)) is not None:  # made by make_tiles from a file: read the file (and its pyramid)
