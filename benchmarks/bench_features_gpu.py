@@ -207,11 +207,11 @@ def check_lite0(args) -> dict:
     ad.obsm["spatial"] = xy
     ad.uns["spatial"] = {"b4": {"scalefactors": {"microns_per_pixel": mpp}, "metadata": {"source_image_path": image}}}
 
-    def run(device: str, amp: bool) -> np.ndarray:
+    def run(device: str, *, amp: bool) -> np.ndarray:
         enc = load_encoder("efficientnet_lite0", device=device)
         return stfm.pp.extract_features(ad, enc, batch_size=32, amp=amp, inplace=False, cache=False)
 
-    cpu, fp32, bf16 = run("cpu", False), run("cuda", False), run("cuda", True)
+    cpu, fp32, bf16 = run("cpu", amp=False), run("cuda", amp=False), run("cuda", amp=True)
 
     def cos(a, b):
         return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

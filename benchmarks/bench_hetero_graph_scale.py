@@ -35,7 +35,7 @@ def _hwm_mb() -> float:
 
 
 def _grid(n: int) -> tuple[int, int]:
-    side = int(round(n**0.5))
+    side = round(n**0.5)
     return side, max(1, round(n / side))
 
 

@@ -22,7 +22,7 @@ import torch
 warnings.simplefilter("ignore")
 torch.set_num_threads(1)
 logging.disable(logging.WARNING)
-import stfm
+import stfm  # noqa: E402  (after the thread and logging settings)
 
 stfm.settings.show_progress_bar = False
 cfg = json.loads(sys.argv[1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 
 import numpy as np
@@ -138,7 +137,7 @@ def test_retrieval_folder_without_its_bank(models, tmp_path):
 def test_files_hold_only_tensors_and_json(models, tmp_path):
     for name, m in models.items():
         m.save(tmp_path / name)
-        assert sorted(os.listdir(tmp_path / name)) == ["model.safetensors", "stfm_model.json"]
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["model.safetensors", "stfm_model.json"]
         meta = json.loads((tmp_path / name / "stfm_model.json").read_text())
         assert meta["method"] == name and meta["class"] == type(m).__name__ and meta["format"] == "stfm-model"
         with pytest.raises(pickle.UnpicklingError):  # not a pickle at all
@@ -156,7 +155,8 @@ def test_atomic_overwrite_keeps_old_on_failure(models, cohort, tmp_path, monkeyp
 
     def boom(folder, state):
         (folder / "model.safetensors").write_bytes(b"partial")
-        raise OSError("disk full")
+        msg = "disk full"
+        raise OSError(msg)
 
     monkeypatch.setattr(_persist, "write_weights", boom)
     with pytest.raises(OSError, match="disk full"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import stfm
+from stfm._rows import materialize
 
 EMB = "X_synthetic"
 
@@ -45,23 +46,26 @@ def test_pretraining_aligns_image_and_expression(model):
     rank = (sims > sims.diag().unsqueeze(1)).sum(1).float()  # rank of the true partner among the section's spots
     assert float(rank.median()) < 0.1 * len(rows), float(rank.median())
     # the retrieved expression tracks the spot's own composition better than a shuffled pairing does
-    comp, _ = model._retrieve(model._training_arrays()["embedding"][rows], ["S1", "S2"])
-    own = m.bank_logcomp[rows].numpy()
+    ref, _ = model._retrieve(model._training_arrays()["embedding"][rows], ["S1", "S2"])
+    comp = m.bank_composition_rows().weighted(ref.rows, ref.weights)
+    own = m.bank_composition(torch.as_tensor(rows)).numpy()
     r = np.mean([np.corrcoef(comp[:, j], own[:, j])[0, 1] for j in range(own.shape[1]) if own[:, j].std() > 0])
     assert r > 0.3, r
 
 
-def _section_mass(model, graph_retrieved: torch.Tensor) -> np.ndarray:
+def _section_mass(model, graph_retrieved) -> np.ndarray:
     """Fraction of the retrieval weight that fell on each bank section (columns of the indicator bank)."""
-    return graph_retrieved[:, : len(model.bank_sections_)].mean(0).numpy()
+    dense = materialize({"r": graph_retrieved}, model._graph_sources(counts=False))["r"]
+    return dense[:, : len(model.bank_sections_)].mean(0).numpy()
 
 
 def test_the_gene_branch_never_reads_its_own_or_a_validation_section(model):
     """Bank expression replaced by section indicators: the retrieved vector is then the weight on each section."""
     m = model.module
-    saved = m.bank_logcomp.clone()
-    m.bank_logcomp = torch.zeros_like(saved)
-    m.bank_logcomp[torch.arange(m.bank_size), m.bank_section] = 1.0
+    saved = (m.bank_comp_indptr, m.bank_comp_indices, m.bank_comp_values)
+    m.bank_comp_indptr = torch.arange(m.bank_size + 1)  # one entry per bank row: 1 in its section's column
+    m.bank_comp_indices = m.bank_section.to(torch.int32)
+    m.bank_comp_values = torch.ones(m.bank_size)
     code = model.bank_sections_.index
     try:
         groups = model._section_labels()
@@ -92,7 +96,7 @@ def test_the_gene_branch_never_reads_its_own_or_a_validation_section(model):
             else:
                 assert mass[code("S3")] > 0  # the validation section joins the bank for new sections
     finally:
-        m.bank_logcomp = saved
+        m.bank_comp_indptr, m.bank_comp_indices, m.bank_comp_values = saved
 
 
 def _he_only(adata):

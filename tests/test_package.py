@@ -128,7 +128,8 @@ def test_unpinned_files_are_never_fetched(monkeypatch, tmp_path):
     from stfm.datasets import _her2st
 
     def no_network(*a, **k):
-        raise AssertionError("pooch.retrieve was called for an unpinned file")
+        msg = "pooch.retrieve was called for an unpinned file"
+        raise AssertionError(msg)
 
     monkeypatch.setattr(pooch, "retrieve", no_network)
     monkeypatch.setattr(stfm.settings, "_data_dir", None)
@@ -136,7 +137,7 @@ def test_unpinned_files_are_never_fetched(monkeypatch, tmp_path):
     monkeypatch.setattr(stfm.settings, "offline", False)
     for rel in ("data/ST-pat/lbl/E1_labeled_coordinates.tsv", "res/ST-cluster/lbl/G2-cluster-annotation.tsv.gz"):
         assert rel not in _her2st.HER2ST_SHA256
-        with pytest.raises(FileNotFoundError, match="no pinned checksum.*does not fetch it"):
+        with pytest.raises(FileNotFoundError, match=r"no pinned checksum.*does not fetch it"):
             _her2st._fetch(rel)
 
 

@@ -169,7 +169,7 @@ def test_view_anndata_setup_works_and_explains_a_loaded_model(tmp_path):
     model = stfm.tl.fit_expression(a, method="ridge", embedding_key="X_synthetic", n_top_genes=4)
     model.view_anndata_setup()  # scvi-tools 1.4 alone fails here: `rich.pretty` is used without being imported
     model.save(tmp_path / "m")
-    with pytest.raises(ValueError, match="loaded without its training data.*pass `adata=`"):
+    with pytest.raises(ValueError, match=r"loaded without its training data.*pass `adata=`"):
         stfm.model.load_model(tmp_path / "m").view_anndata_setup()
 
 

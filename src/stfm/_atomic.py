@@ -178,8 +178,7 @@ def atomic_file(target: str | os.PathLike[str], *, overwrite: bool = True) -> It
         raise FileExistsError(msg)
     parent = check_writable(target)
     for stale in stale_temporaries(target):
-        with contextlib.suppress(OSError):
-            stale.unlink() if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     with _signals_cleanup():
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.stfm-tmp-", suffix=target.suffix, dir=parent)
         os.close(fd)

@@ -26,6 +26,10 @@ def _default_cache_dir() -> Path:
     return Path(base).expanduser() / "stfm"
 
 
+
+#: default inference batch size, and tiles per encoder pass on the CPU (see ``tile_batch_size``)
+_DEFAULT_BATCH, _CPU_TILE_BATCH = 64, 16
+
 class Settings:
     """Defaults used by every stfm function whose matching argument is ``None``.
 
@@ -91,7 +95,7 @@ class Settings:
     @property
     def batch_size(self) -> int:
         """Default inference batch size (64). Set it to an integer to use it everywhere, ``None`` for the default."""
-        return 64 if self._batch_size is None else self._batch_size
+        return _DEFAULT_BATCH if self._batch_size is None else self._batch_size
 
     @batch_size.setter
     def batch_size(self, value: int | None) -> None:
@@ -113,7 +117,7 @@ class Settings:
         """
         if self._batch_size is not None:
             return self._batch_size
-        return 16 if getattr(device, "type", str(device)) == "cpu" else 64
+        return _CPU_TILE_BATCH if getattr(device, "type", str(device)) == "cpu" else _DEFAULT_BATCH
 
     @property
     def num_workers(self) -> int:

@@ -51,7 +51,6 @@ def _read_level_in_blocks(src: ImageSource, level: int, max_px: int = 4096, bloc
         for x in range(0, lw, block):
             part = src.read_region(x, y, min(block, lw - x), min(block, lh - y), level=level)
             cols.append(np.ascontiguousarray(part[(-y) % step :: step, (-x) % step :: step]))
-            del part
         rows.append(np.concatenate(cols, axis=1))
     return np.concatenate(rows, axis=0)
 

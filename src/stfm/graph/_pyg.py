@@ -134,7 +134,8 @@ def reference_graph(
     nodes), ``('target', 'links', 'reference')`` and its reverse ``('reference', 'linked_by', 'target')``, with the
     cosine similarity as ``edge_attr``.
 
-    ``references`` maps a section name to ``(embedding, expression)``; it must not contain the target's own
+    ``references`` maps a section name to ``(embedding, expression)`` (expression dense or sparse, or ``None`` for
+    a graph without ``y``; only the rows used are densified); it must not contain the target's own
     sections (a target's measured expression is never reachable through the graph). Memory stays bounded: the
     similarity search runs in chunks (:func:`similarity_topk`).
     """
@@ -150,8 +151,7 @@ def reference_graph(
     offset = 0
     for s_i, (name, (emb, expr)) in enumerate(references.items()):
         emb = np.asarray(emb, dtype=np.float32)
-        expr = np.asarray(expr.toarray() if hasattr(expr, "toarray") else expr, dtype=np.float32)
-        if emb.shape[0] != expr.shape[0]:
+        if expr is not None and emb.shape[0] != expr.shape[0]:
             msg = f"Reference {name!r}: {emb.shape[0]} embedding rows but {expr.shape[0]} expression rows."
             raise ValueError(msg)
         if emb.shape[1] != tx.shape[1]:
@@ -166,7 +166,9 @@ def reference_graph(
         idx, sim = similarity_topk(tx, emb, k_reference, chunk_size=chunk_size)
         used, inverse = np.unique(idx.ravel(), return_inverse=True)
         ref_x.append(emb[used])
-        ref_y.append(expr[used])
+        if expr is not None:  # only the rows the graph uses are densified
+            y = expr[used]
+            ref_y.append(np.asarray(y.toarray() if hasattr(y, "toarray") else y, dtype=np.float32))
         ref_sec.append(np.full(used.size, s_i))
         ref_src.append(used)
         link_t.append(np.repeat(np.arange(tx.shape[0]), k_reference))
@@ -178,7 +180,11 @@ def reference_graph(
     data["target"].x = torch.as_tensor(tx)
     data["target"].pos = torch.as_tensor(np.asarray(target_coords, dtype=np.float32)[:, :2])
     data["reference"].x = torch.as_tensor(rx)
-    data["reference"].y = torch.as_tensor(np.concatenate(ref_y))
+    if len(ref_y) == len(references):
+        data["reference"].y = torch.as_tensor(np.concatenate(ref_y))
+    elif ref_y:
+        msg = "Give the expression of every reference section, or of none (`(embedding, None)`)."
+        raise ValueError(msg)
     data["reference"].section = torch.as_tensor(np.concatenate(ref_sec), dtype=torch.long)
     data["reference"].source_index = torch.as_tensor(np.concatenate(ref_src), dtype=torch.long)
     tt, tt_w = _edge_index(radius_graph(target_coords, groups=target_groups, pitches=pitches))

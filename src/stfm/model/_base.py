@@ -25,6 +25,7 @@ from scvi.data.fields import BaseAnnDataField, CategoricalObsField, LayerField, 
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .._constants import EXPR_KEYS
+from .._rows import CountRows
 from .._settings import settings
 from .._validation import assert_one_of, check_obs_key, check_positive
 from . import _persist
@@ -206,7 +207,9 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         return np.asarray([str(c) for c in cats], dtype=object)[codes]
 
     def _training_arrays(self, idx: np.ndarray | None = None) -> dict[str, Any]:
-        """Registered counts, model input, section labels and coordinates (rows ``idx``) as numpy arrays."""
+        """Registered counts, model input, section labels and coordinates of rows ``idx``.
+
+        ``counts`` is a :class:`~stfm._rows.CountRows`: sparse, read dense a block of rows at a time."""
         adata = self._require_data()
         n = adata.n_obs
         idx = np.arange(n) if idx is None else np.asarray(idx)
@@ -215,9 +218,10 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         emb = np.asarray(self.adata_manager.get_from_registry(EXPR_KEYS.EMBEDDING_KEY), dtype=np.float32)[idx]
         spatial_key = self.setup_args.get("spatial_key") or "spatial"
         coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[idx, :2] if spatial_key in adata.obsm else None
-        out = {"embedding": emb, "counts_sparse": x, "groups": self._section_labels()[idx], "coords": coords}
+        counts = CountRows(x)
+        out = {"embedding": emb, "counts_sparse": counts.sparse, "counts": counts, "groups": self._section_labels()[idx],
+               "coords": coords}  # fmt: skip
         out.update(self._extra_arrays(adata, idx))
-        out["counts"] = np.asarray(x.toarray(), dtype=np.float32)
         return out
 
     def _extra_arrays(self, adata: AnnData, idx: np.ndarray) -> dict[str, np.ndarray]:

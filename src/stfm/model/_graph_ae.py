@@ -14,6 +14,7 @@ from anndata import AnnData
 from scvi.data._constants import _SETUP_ARGS_KEY
 
 from .._constants import EXPR_KEYS
+from .._rows import RowRef
 from .._validation import check_obs_key, check_spatial
 from ..module._graph_ae import GraphAEModule
 from ._base import ExpressionModelBase
@@ -169,7 +170,7 @@ class GraphAEPredictor(SectionGraphMixin, ExpressionModelBase):
                 r = rows[members]
                 g = {
                     "x": torch.as_tensor(arrays["embedding"][r]),
-                    "counts": torch.as_tensor(arrays["counts"][r]),
+                    "counts": RowRef("counts", np.asarray(idx)[r]),  # densified when the batch is drawn
                     "core": torch.as_tensor(np.isin(members, core).astype(np.float32)),
                     "edge_index": _edges(coords[members], self.pitches),
                 }
@@ -195,7 +196,7 @@ class GraphAEPredictor(SectionGraphMixin, ExpressionModelBase):
         for sec in dict.fromkeys(arrays["groups"]):
             rows = np.flatnonzero(arrays["groups"] == sec)
             for core, members in self._blocks(arrays["coords"][rows]):
-                z, _, _ = self.module.autoencode(torch.as_tensor(arrays["counts"][rows][members], device=dev),
+                z, _, _ = self.module.autoencode(torch.as_tensor(arrays["counts"][rows[members]], device=dev),
                                                  _edges(arrays["coords"][rows][members], self.pitches).to(dev))  # fmt: skip
                 keep = np.isin(members, core)
                 out[rows[members[keep]]] = z.cpu().numpy()[keep]

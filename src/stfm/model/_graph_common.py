@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from .._constants import EXPR_KEYS
+from .._rows import CountRows, materialize
 from ._training import module_device
 
 __all__ = ["SectionGraphMixin"]
@@ -30,23 +32,29 @@ class _GraphSplitter(LightningDataModule):
         self.n_train, self.n_val = len(train_idx), len(val_idx)
         self.train_graphs = model._training_graphs(train_idx)
         self.val_graphs = model._validation_graphs(val_idx) if len(val_idx) else []
+        #: the sparse matrices graph batches read their gene-wide rows from (counts, bank compositions)
+        self.sources = model._graph_sources()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_List(self.train_graphs), batch_size=None, shuffle=True)
+        return DataLoader(_Graphs(self.train_graphs, self.sources), batch_size=None, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return DataLoader(_List(self.val_graphs), batch_size=None, shuffle=False) if self.val_graphs else []
+        return DataLoader(_Graphs(self.val_graphs, self.sources), batch_size=None, shuffle=False) if self.val_graphs else []
 
 
-class _List(torch.utils.data.Dataset):
-    def __init__(self, items: list) -> None:
+class _Graphs(torch.utils.data.Dataset):
+    """Graph batches whose :class:`~stfm._rows.RowRef` entries are densified when the batch is drawn (and freed
+    after it), so only one batch of a wide panel is ever dense."""
+
+    def __init__(self, items: list, sources: dict[str, CountRows]) -> None:
         self.items = items
+        self.sources = sources
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        return self.items[i]
+        return materialize(self.items[i], self.sources)
 
 
 
@@ -69,6 +77,16 @@ class SectionGraphMixin:
 
         pitch = spot_pitch(coords) if len(coords) > 1 else 1.0
         return spatial_blocks(coords, self.block_size, self.n_layers * self.pitches * pitch)
+
+    def _graph_sources(self, *, counts: bool = True) -> dict[str, CountRows]:
+        """What :class:`~stfm._rows.RowRef` entries of this model's graphs read: ``'counts'`` (the registered
+        counts, sparse) and, for a model with a reference bank, ``'bank'`` (its compositions, sparse)."""
+        out: dict[str, CountRows] = {}
+        if counts and getattr(self, "adata", None) is not None:
+            out["counts"] = CountRows(self.adata_manager.get_from_registry(EXPR_KEYS.X_KEY))
+        if hasattr(self.module, "bank_composition_rows"):
+            out["bank"] = self.module.bank_composition_rows()
+        return out
 
     def _use_graph_batches(self) -> None:
         self._data_splitter_cls = functools.partial(_GraphSplitter, model=self)
@@ -93,12 +111,14 @@ class SectionGraphMixin:
         logl = np.zeros(n)
         aux: dict[str, np.ndarray] = {}
         extra = {k: v for k, v in arrays.items() if k.startswith("field:")}
+        sources = self._graph_sources(counts=False)  # a query graph never reads measured counts
         for sec in dict.fromkeys(arrays["groups"]):
             rows = np.flatnonzero(arrays["groups"] == sec)
             for core, members in self._blocks(arrays["coords"][rows]):
                 is_core = np.isin(members, core)
                 fields = {k: v[rows][members] for k, v in extra.items()}
                 g = self._query_graph(arrays["embedding"][rows][members], arrays["coords"][rows][members], str(sec), is_core, fields)
+                g = materialize(g, sources)
                 out = self.module.predict_batch({k: v.to(dev) for k, v in g.items()})
                 dest = rows[members[is_core]]
                 scale[dest] = out["scale"].float().cpu().numpy()[is_core]

@@ -11,7 +11,9 @@ import torch
 from anndata import AnnData
 
 from .._constants import EXPR_KEYS
+from .._rows import RowRef
 from .._validation import check_spatial
+from ..module._components import ReferenceBank
 from ..module._hetero_graph import HeteroGraphModule
 from ._base import ExpressionModelBase
 from ._graph_common import SectionGraphMixin
@@ -78,7 +80,7 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
     """
 
     _module_cls = HeteroGraphModule
-    _resizable_buffers = ("bank_x", "bank_logcomp", "bank_loglib", "bank_section")
+    _resizable_buffers = ReferenceBank.bank_buffers
 
     def __init__(
         self,
@@ -142,20 +144,22 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
         return args["embedding_key"]
 
     # -- graphs ----------------------------------------------------------------------------------------------
-    def _graph(self, target_x: np.ndarray, coords: np.ndarray, counts: np.ndarray | None, allowed: list[str],
-               core: np.ndarray) -> dict[str, torch.Tensor]:  # fmt: skip
-        """One graph batch (see :mod:`stfm.module._hetero_graph`) linking these target spots to ``allowed`` sections."""
+    def _graph(self, target_x: np.ndarray, coords: np.ndarray, count_rows: np.ndarray | None, allowed: list[str],
+               core: np.ndarray) -> dict[str, Any]:  # fmt: skip
+        """One graph batch (see :mod:`stfm.module._hetero_graph`) linking these target spots to ``allowed`` sections.
+
+        The gene-wide entries (the targets' counts, rows ``count_rows`` of the registered data, and the references'
+        compositions) are :class:`~stfm._rows.RowRef` s, filled in when the batch is used."""
         from ..graph import reference_graph
 
         bank_sec = self.module.bank_section.cpu().numpy()
         bank_x = self.module.bank_x.cpu().numpy()
-        bank_lc = self.module.bank_logcomp.cpu().numpy()
         refs, rows = {}, {}
         for name in allowed:
             r = np.flatnonzero(bank_sec == self.bank_sections_.index(name))
             if r.size == 0:
                 continue
-            refs[name], rows[name] = (bank_x[r], bank_lc[r]), r
+            refs[name], rows[name] = (bank_x[r], None), r
         if not refs:
             msg = "hetero_graph has no reference section to link to (the bank is empty or every section was excluded)."
             raise ValueError(msg)
@@ -170,13 +174,13 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
         empty = torch.zeros((2, 0), dtype=torch.long)
         has_rr = ("reference", "similar", "reference") in h.edge_types
         rr = h["reference", "similar", "reference"].edge_index if has_rr else empty
-        target_counts = np.zeros((n_t, self.module.n_genes), np.float32) if counts is None else counts
+        target_counts = torch.zeros((n_t, self.module.n_genes)) if count_rows is None else RowRef("counts", count_rows)
         return {
             "target_x": torch.as_tensor(target_x, dtype=torch.float32),
-            "target_counts": torch.as_tensor(target_counts, dtype=torch.float32),
+            "target_counts": target_counts,
             "target_core": torch.as_tensor(core.astype(np.float32)),
             "ref_x": torch.as_tensor(bank_x[bank_rows]),
-            "ref_logcomp": torch.as_tensor(bank_lc[bank_rows]),
+            "ref_logcomp": RowRef("bank", bank_rows),
             "ref_loglib": self.module.bank_loglib.cpu()[torch.as_tensor(bank_rows)],
             "tt_index": h["target", "near", "target"].edge_index,
             "rr_index": rr,
@@ -185,12 +189,13 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
             "ref_section": self.module.bank_section.cpu()[torch.as_tensor(bank_rows)],
         }
 
-    def _section_graphs(self, emb: np.ndarray, coords: np.ndarray, counts: np.ndarray | None, allowed: list[str]) -> list[tuple[np.ndarray, dict]]:
-        """Graph batches of one section: (core rows, graph) per spatial block."""
+    def _section_graphs(self, emb: np.ndarray, coords: np.ndarray, count_rows: np.ndarray | None, allowed: list[str]) -> list[tuple[np.ndarray, dict]]:
+        """Graph batches of one section: (core rows, graph) per spatial block; ``count_rows``: the section's rows in
+        the registered data (training) or ``None`` (a query)."""
         out = []
         for core, members in self._blocks(coords):
             is_core = np.isin(members, core)
-            g = self._graph(emb[members], coords[members], None if counts is None else counts[members], allowed, is_core)
+            g = self._graph(emb[members], coords[members], None if count_rows is None else count_rows[members], allowed, is_core)
             out.append((members[is_core], g))
         return out
 
@@ -204,7 +209,7 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
             if not others:
                 msg = "hetero_graph needs at least two training sections besides the validation sections."
                 raise ValueError(msg)
-            graphs += [g for _, g in self._section_graphs(arrays["embedding"][m], arrays["coords"][m], arrays["counts"][m], others)]
+            graphs += [g for _, g in self._section_graphs(arrays["embedding"][m], arrays["coords"][m], train_idx[m], others)]
         return graphs
 
     def _validation_graphs(self, val_idx: np.ndarray) -> list[dict]:
@@ -213,7 +218,7 @@ class HeteroGraphPredictor(SectionGraphMixin, ExpressionModelBase):
         for v in dict.fromkeys(arrays["groups"]):
             m = arrays["groups"] == v
             refs = [s for s in self._allowed if s != v]
-            graphs += [g for _, g in self._section_graphs(arrays["embedding"][m], arrays["coords"][m], arrays["counts"][m], refs)]
+            graphs += [g for _, g in self._section_graphs(arrays["embedding"][m], arrays["coords"][m], val_idx[m], refs)]
         return graphs
 
     # -- training hooks --------------------------------------------------------------------------------------

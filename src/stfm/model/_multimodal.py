@@ -11,7 +11,9 @@ import torch
 from anndata import AnnData
 
 from .._constants import EXPR_KEYS
+from .._rows import RowRef
 from .._validation import assert_one_of, check_spatial
+from ..module._components import ReferenceBank
 from ..module._multimodal import MultimodalModule
 from ._base import ExpressionModelBase
 from ._graph_common import SectionGraphMixin
@@ -87,7 +89,7 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
     """
 
     _module_cls = MultimodalModule
-    _resizable_buffers = ("bank_x", "bank_logcomp", "bank_loglib", "bank_section", "bank_z")
+    _resizable_buffers = (*ReferenceBank.bank_buffers, "bank_z")
 
     def __init__(
         self,
@@ -154,8 +156,9 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
         return args["embedding_key"]
 
     # -- retrieval -------------------------------------------------------------------------------------------
-    def _retrieve(self, emb: np.ndarray, allowed: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Similarity-weighted log composition and log depth of the top-``k_retrieve`` bank spots of ``allowed``."""
+    def _retrieve(self, emb: np.ndarray, allowed: list[str]) -> tuple[RowRef, torch.Tensor]:
+        """Similarity-weighted log composition (a :class:`~stfm._rows.RowRef` into the bank, summed when the batch is
+        used) and log depth of the top-``k_retrieve`` bank spots of ``allowed``."""
         from ..graph import similarity_topk
 
         codes = [self.bank_sections_.index(s) for s in allowed if s in self.bank_sections_]
@@ -168,18 +171,19 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
         keys = self.module.bank_keys(self.retrieval)[torch.as_tensor(rows, device=dev)]
         idx, sim = similarity_topk(q, keys, min(self.k_retrieve, rows.size), normalize=False)
         w = torch.softmax(torch.as_tensor(sim) / self.retrieval_temperature, dim=1)
-        bank_rows = torch.as_tensor(rows[idx])
-        comp = (w.unsqueeze(-1) * self.module.bank_logcomp.cpu()[bank_rows]).sum(1)
-        loglib = (w * self.module.bank_loglib.cpu()[bank_rows]).sum(1)
+        bank_rows = rows[idx]
+        comp = RowRef("bank", bank_rows, w.numpy())
+        loglib = (w * self.module.bank_loglib.cpu()[torch.as_tensor(bank_rows)]).sum(1)
         return comp, loglib
 
-    def _graph(self, emb: np.ndarray, coords: np.ndarray, counts: np.ndarray | None, core: np.ndarray,
-               allowed: list[str] | None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _graph(self, emb: np.ndarray, coords: np.ndarray, count_rows: np.ndarray | None, core: np.ndarray,
+               allowed: list[str] | None) -> dict[str, Any]:  # fmt: skip
+        """One graph batch; ``count_rows``: the spots' rows in the registered data (training) or ``None`` (a query).
+        Gene-wide entries are :class:`~stfm._rows.RowRef` s, densified when the batch is used."""
         n = len(emb)
-        counts = np.zeros((n, self.module.n_genes), np.float32) if counts is None else counts
         g = {
             "x": torch.as_tensor(emb, dtype=torch.float32),
-            "counts": torch.as_tensor(counts, dtype=torch.float32),
+            "counts": torch.zeros((n, self.module.n_genes)) if count_rows is None else RowRef("counts", count_rows),
             "core": torch.as_tensor(core.astype(np.float32)),
             "knn_index": _knn_edges(coords, self.k_spatial),
         }
@@ -202,7 +206,7 @@ class MultimodalPredictor(SectionGraphMixin, ExpressionModelBase):
                 raise ValueError(msg)
             for core, members in self._blocks(coords):
                 r = rows[members]
-                graphs.append(self._graph(arrays["embedding"][r], coords[members], arrays["counts"][r],
+                graphs.append(self._graph(arrays["embedding"][r], coords[members], np.asarray(idx)[r],
                                           np.isin(members, core), allowed))  # fmt: skip
         return graphs
 

@@ -12,6 +12,7 @@ from scvi.data.fields import ObsmField
 
 from .._constants import EXPR_KEYS
 from .._validation import assert_one_of, check_spatial
+from ..module._components import ReferenceBank
 from ..module._retrieval import RETRIEVAL_KEYS, RetrievalModule
 from ._base import ExpressionModelBase
 from ._persist import CheckpointError
@@ -80,7 +81,7 @@ class RetrievalPredictor(ExpressionModelBase):
     """
 
     _module_cls = RetrievalModule
-    _resizable_buffers = ("bank_logcomp", "bank_loglib", "bank_position")
+    _resizable_buffers = (*ReferenceBank.bank_buffers, "bank_position")
 
     def __init__(
         self,
@@ -177,11 +178,11 @@ class RetrievalPredictor(ExpressionModelBase):
 
     @classmethod
     def _check_state(cls, state: dict[str, Any], where: str) -> None:
-        bank = state.get("bank_logcomp")
-        if bank is None or bank.shape[0] == 0 or "bank_loglib" not in state:
+        bank = state.get("bank_loglib")
+        if bank is None or bank.shape[0] == 0 or "bank_comp_values" not in state:
             msg = (
                 f"The retrieval model in {where!r} has no reference bank (the training spots it predicts from, "
-                "`bank_logcomp` / `bank_loglib` in model.safetensors). The folder is incomplete; save the trained model again."
+                "`bank_comp_*` / `bank_loglib` in model.safetensors). The folder is incomplete; save the trained model again."
             )
             raise CheckpointError(msg)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
+from scipy import sparse
 
+from .. import _rows
 from .._constants import EXPR_KEYS
+from .._rows import ColumnPearson, as_count_rows
 from .._validation import assert_one_of, check_positive
 from ..module._ridge import RidgeModule
 from ._base import ExpressionModelBase
@@ -27,20 +30,39 @@ def _hest_alpha(n_components: int, n_genes: int) -> float:
     return 100.0 / (n_components * n_genes)
 
 
+def _centered_cross(z: np.ndarray, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(zᵀ(y − ȳ), ȳ)`` for a dense or sparse target ``y`` (a sparse one is never densified)."""
+    mean = np.asarray(y.mean(0)).ravel()
+    zty = np.asarray(y.T @ z).T if sparse.issparse(y) else z.T @ np.asarray(y)
+    return zty - np.outer(z.sum(0), mean), mean
+
+
 class _Fold:
     """One leave-one-section-out fold: PCA fitted on the training rows, sufficient statistics of the ridge."""
 
-    def __init__(self, emb_tr: np.ndarray, emb_te: np.ndarray, targets: dict[str, np.ndarray], n_components: int) -> None:
+    def __init__(self, emb_tr: np.ndarray, emb_te: np.ndarray, targets: dict[str, Any], n_components: int) -> None:
         self.params = _fit_projection(emb_tr, n_components)
         z_tr = _project(self.params, emb_tr)
         self.z_te = _project(self.params, emb_te)
         self.norms = (z_tr * z_tr).sum(0)
-        self.means = {k: y.mean(0) for k, y in targets.items()}
-        self.zty = {k: z_tr.T @ (y - y.mean(0)) for k, y in targets.items()}
+        self.zty, self.means = {}, {}
+        for k, y in targets.items():
+            self.zty[k], self.means[k] = _centered_cross(z_tr, y)
 
-    def predict(self, head: str, alpha: float) -> np.ndarray:
+    def predict(self, head: str, alpha: float, rows: slice | None = None) -> np.ndarray:
         w = self.zty[head] / (self.norms + alpha)[:, None]
-        return self.z_te @ w + self.means[head]
+        z = self.z_te if rows is None else self.z_te[rows]
+        return z @ w + self.means[head]
+
+    def score(self, head: str, alpha: float, truth: Any) -> float:
+        """Mean per-gene Pearson of this fold's predictions against ``truth`` (its test rows), a block at a time."""
+        acc = ColumnPearson()
+        step = _rows.BLOCK_ROWS
+        for a in range(0, self.z_te.shape[0], step):
+            s = slice(a, min(a + step, self.z_te.shape[0]))
+            t = truth[s]
+            acc.add(self.predict(head, alpha, s), t.toarray() if sparse.issparse(t) else t)
+        return acc.mean()
 
 
 def _fit_projection(emb: np.ndarray, n_components: int) -> dict[str, np.ndarray]:
@@ -57,14 +79,6 @@ def _fit_projection(emb: np.ndarray, n_components: int) -> dict[str, np.ndarray]
 
 def _project(params: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:
     return ((emb - params["scaler_mean"]) / params["scaler_scale"] - params["pca_mean"]) @ params["components"].T
-
-
-def _pearson_cols(p: np.ndarray, t: np.ndarray) -> float:
-    p = p - p.mean(0)
-    t = t - t.mean(0)
-    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
-    ok = den > 1e-12
-    return float(((p * t).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
 
 
 def _compose(y: np.ndarray, log_lib: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -149,13 +163,15 @@ class RidgeProbe(ExpressionModelBase):
         self._model_summary_string = f"RidgeProbe ({target}) on `obsm[{self.embedding_key_!r}]`, {self.summary_stats.n_vars} genes"
         self.init_params_ = self._get_init_params(locals())
 
-    def _targets(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        counts = np.asarray(counts, dtype=np.float64)
+    def _targets(self, counts: Any) -> dict[str, Any]:
+        """The heads' targets: sparse (CSR, float64) over the genes, since ``log1p`` keeps the zeros of the counts."""
+        csr = as_count_rows(counts).sparse.astype(np.float64)
         if self.target == "log1p":
-            return {"log1p": np.log1p(counts)}
-        lib = counts.sum(1, keepdims=True)
-        comp = np.log1p(np.divide(counts * 1e4, lib, out=np.zeros_like(counts), where=lib > 0))
-        return {"composition": comp, "library": np.log(np.maximum(lib, 1.0))}
+            csr.data = np.log1p(csr.data)
+            return {"log1p": csr}
+        lib = np.asarray(csr.sum(1)).ravel()
+        csr.data = np.log1p(csr.data * 1e4 / np.repeat(np.maximum(lib, 1e-300), np.diff(csr.indptr)))
+        return {"composition": csr, "library": np.log(np.maximum(lib, 1.0))[:, None]}
 
     def train(
         self,
@@ -209,10 +225,7 @@ class RidgeProbe(ExpressionModelBase):
             for h in heads:
                 scores = {}
                 for a in cands:
-                    per = []
-                    for te, fold in folds:
-                        pred, true = fold.predict(h, a), targets[h][te]
-                        per.append(_pearson_cols(pred, true))
+                    per = [fold.score(h, a, targets[h][te]) for te, fold in folds]
                     scores[f"{a:.4g}"] = float(np.nanmean(per))
                 self.alpha_scores_[h] = scores
                 best = max(scores, key=lambda k: scores[k])
@@ -237,9 +250,8 @@ class RidgeProbe(ExpressionModelBase):
         norms = (z * z).sum(0)
 
         def head(name: str) -> tuple[np.ndarray, np.ndarray]:
-            y = targets[name]
-            w = (z.T @ (y - y.mean(0))) / (norms + self.alpha_[name])[:, None]
-            return w.T, y.mean(0)
+            zty, mean = _centered_cross(z, targets[name])
+            return (zty / (norms + self.alpha_[name])[:, None]).T, mean
 
         main = "log1p" if self.target == "log1p" else "composition"
         coef, offset = head(main)

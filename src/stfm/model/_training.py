@@ -12,6 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
+from .. import _rows
+from .._rows import ColumnPearson, as_count_rows, log_composition_csr
+
 if TYPE_CHECKING:
     from ._base import ExpressionModelBase
 
@@ -40,33 +43,35 @@ class ExpressionTrainingPlan(TrainingPlan):
                      on_epoch=self.on_epoch, batch_size=loss_output.n_obs_minibatch, sync_dist=self.use_sync_dist)  # fmt: skip
 
 
-def _pearson_mean(pred: np.ndarray, true: np.ndarray) -> float:
-    p = pred - pred.mean(0)
-    t = true - true.mean(0)
-    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
-    ok = den > 1e-12
-    return float(((p * t).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
-
-
-def validation_scores(mean: np.ndarray, counts: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
+def validation_scores(mean: np.ndarray, counts: Any, groups: np.ndarray | None = None) -> dict[str, float]:
     """Mean per-gene Pearson of predictions against counts, per section then averaged over sections.
 
     ``'raw'``: ``log1p(mean)`` vs ``log1p(counts)`` (HEST convention, rewards depth); ``'composition'``: ``log1p``
-    counts per 10k of both over the panel (depth removed). ``'mean'`` is their average.
+    counts per 10k of both over the panel (depth removed). ``'mean'`` is their average. ``counts`` may be dense or
+    sparse: it is read a block of rows at a time, so a wide panel is never densified whole.
     """
-    mean = np.asarray(mean, dtype=np.float64)
-    counts = np.asarray(counts, dtype=np.float64)
+    truth = as_count_rows(counts)
+    if truth.shape != np.shape(mean):
+        msg = f"Expected predictions and counts of the same shape, found {np.shape(mean)} and {truth.shape}."
+        raise ValueError(msg)
     labels = np.zeros(len(mean), dtype=int) if groups is None else pd.factorize(np.asarray(groups))[0]
     raw, comp = [], []
     for g in np.unique(labels):
-        m = labels == g
-        p, t = mean[m], counts[m]
-        raw.append(_pearson_mean(np.log1p(p), np.log1p(t)))
-        ps = p.sum(1, keepdims=True)
-        ts = t.sum(1, keepdims=True)
-        pc = np.divide(p * 1e4, ps, out=np.zeros_like(p), where=ps > 0)
-        tc = np.divide(t * 1e4, ts, out=np.zeros_like(t), where=ts > 0)
-        comp.append(_pearson_mean(np.log1p(pc), np.log1p(tc)))
+        rows = np.flatnonzero(labels == g)
+        r_acc, c_acc = ColumnPearson(), ColumnPearson()
+        step = _rows.BLOCK_ROWS
+        for a in range(0, len(rows), step):
+            block = rows[a : a + step]
+            p = np.asarray(mean[block], dtype=np.float64)
+            t = truth[block].astype(np.float64)
+            r_acc.add(np.log1p(p), np.log1p(t))
+            ps = p.sum(1, keepdims=True)
+            ts = t.sum(1, keepdims=True)
+            pc = np.divide(p * 1e4, ps, out=np.zeros_like(p), where=ps > 0)
+            tc = np.divide(t * 1e4, ts, out=np.zeros_like(t), where=ts > 0)
+            c_acc.add(np.log1p(pc), np.log1p(tc))
+        raw.append(r_acc.mean())
+        comp.append(c_acc.mean())
     r, c = float(np.nanmean(raw)), float(np.nanmean(comp))
     return {"raw": r, "composition": c, "mean": 0.5 * (r + c)}
 
@@ -157,15 +162,20 @@ def deterministic(module: torch.nn.Module) -> Iterator[None]:
             torch.use_deterministic_algorithms(mode=False)
 
 
-def input_statistics(counts: np.ndarray, embedding: np.ndarray, *, library: bool = True) -> dict[str, Any]:
+def input_statistics(counts: Any, embedding: np.ndarray, *, library: bool = True) -> dict[str, Any]:
     """Standardisation statistics of the training spots that the expression modules take: mean and std of the
-    embedding and of the log composition (log1p counts per 10k), and (``library=True``) the mean log library size."""
-    x = np.asarray(counts, dtype=np.float64)
-    lib = np.maximum(x.sum(1, keepdims=True), 1.0)
-    comp = np.log1p(x / lib * 1e4)
+    embedding and of the log composition (log1p counts per 10k), and (``library=True``) the mean log library size.
+
+    ``counts`` (dense or sparse) stays sparse: the composition keeps the zeros of the counts."""
+    comp, lib = log_composition_csr(counts)
+    n = max(comp.shape[0], 1)
+    c_mean = np.asarray(comp.sum(0, dtype=np.float64)).ravel() / n
+    sq = comp.astype(np.float64)
+    sq.data **= 2
+    c_sq = np.asarray(sq.sum(0)).ravel() / n
     emb = np.asarray(embedding, dtype=np.float64)
     stats: dict[str, Any] = {"embedding_mean": emb.mean(0), "embedding_std": emb.std(0),
-                             "composition_mean": comp.mean(0), "composition_std": comp.std(0)}  # fmt: skip
+                             "composition_mean": c_mean, "composition_std": np.sqrt(np.maximum(c_sq - c_mean**2, 0.0))}  # fmt: skip
     if library:
         stats["log_library_mean"] = float(np.log(lib).mean())
     return stats

@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import sparse
 from scvi.distributions import ZeroInflatedNegativeBinomial
 from torch import nn
+
+from .._rows import CountRows, csr_rows_torch, log_composition_csr
 
 __all__ = [
     "MLP",
@@ -34,24 +38,49 @@ __all__ = [
 
 class ReferenceBank:
     """Mixin for modules that keep a bank of training spots as buffers (saved with the weights): embedding
-    ``bank_x``, log composition ``bank_logcomp`` (log1p counts per 10k), log depth ``bank_loglib`` and section code
-    ``bank_section``."""
+    ``bank_x``, log composition (log1p counts per 10k, stored sparse as CSR buffers ``bank_comp_indptr`` /
+    ``bank_comp_indices`` / ``bank_comp_values``, read with :meth:`bank_composition`), log depth ``bank_loglib``
+    and section code ``bank_section``."""
 
-    def _register_bank(self, n_input: int, n_genes: int) -> None:
-        self.register_buffer("bank_x", torch.zeros(0, n_input))
-        self.register_buffer("bank_logcomp", torch.zeros(0, n_genes))
+    #: the bank's buffers, resized from a saved state on load
+    bank_buffers = ("bank_x", "bank_comp_indptr", "bank_comp_indices", "bank_comp_values", "bank_loglib", "bank_section")
+
+    def _register_bank(self, n_input: int, n_genes: int, *, embedding: bool = True) -> None:
+        self.n_bank_genes = int(n_genes)
+        if embedding:
+            self.register_buffer("bank_x", torch.zeros(0, n_input))
+            self.register_buffer("bank_section", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("bank_comp_indptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("bank_comp_indices", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("bank_comp_values", torch.zeros(0))
         self.register_buffer("bank_loglib", torch.zeros(0))
-        self.register_buffer("bank_section", torch.zeros(0, dtype=torch.long))
 
-    def set_bank(self, x: np.ndarray, counts: np.ndarray, section: np.ndarray) -> None:
-        """Store the reference bank (embedding, log composition, log depth and section code of the training spots)."""
-        c = torch.as_tensor(np.asarray(counts, dtype=np.float32))
-        lib = c.sum(-1).clamp(min=1.0)
-        dev = self.bank_x.device
+    def _set_bank_composition(self, counts: Any) -> None:
+        comp, lib = log_composition_csr(counts)
+        dev = self.bank_loglib.device
+        self.bank_comp_indptr = torch.as_tensor(comp.indptr.astype(np.int64)).to(dev)
+        self.bank_comp_indices = torch.as_tensor(comp.indices.astype(np.int32)).to(dev)
+        self.bank_comp_values = torch.as_tensor(comp.data.astype(np.float32)).to(dev)
+        self.bank_loglib = torch.as_tensor(np.log(lib), dtype=torch.float32).to(dev)
+
+    def set_bank(self, x: np.ndarray, counts: Any, section: np.ndarray) -> None:
+        """Store the reference bank (embedding, log composition, log depth and section code of the training spots);
+        ``counts`` (dense or sparse) stays sparse."""
+        self._set_bank_composition(counts)
+        dev = self.bank_loglib.device
         self.bank_x = torch.as_tensor(np.asarray(x, dtype=np.float32)).to(dev)
-        self.bank_logcomp = torch.log1p(c / lib.unsqueeze(-1) * 1e4).to(dev)
-        self.bank_loglib = torch.log(lib).to(dev)
         self.bank_section = torch.as_tensor(np.asarray(section), dtype=torch.long).to(dev)
+
+    def bank_composition(self, rows: Any) -> torch.Tensor:
+        """Dense log composition of bank rows ``rows`` (any shape; the result is ``(rows.numel(), G)``)."""
+        return csr_rows_torch(self.bank_comp_indptr, self.bank_comp_indices, self.bank_comp_values, rows, self.n_bank_genes)
+
+    def bank_composition_rows(self) -> CountRows:
+        """The bank's log composition as :class:`~stfm._rows.CountRows` (CPU, sparse)."""
+        n = int(self.bank_comp_indptr.numel()) - 1
+        csr = sparse.csr_matrix((self.bank_comp_values.detach().cpu().numpy(), self.bank_comp_indices.cpu().numpy(),
+                                 self.bank_comp_indptr.cpu().numpy()), shape=(n, self.n_bank_genes))  # fmt: skip
+        return CountRows(csr)
 
 
 class Standardize(nn.Module):

@@ -95,7 +95,9 @@ class MultimodalModule(ReferenceBank, ExpressionModuleBase):
         self.retrieval_encoder.load_state_dict(self.image_encoder.state_dict())
         was = self.training
         self.eval()
-        parts = [F.normalize(self.gene_encoder(self.comp_standardize(self.bank_logcomp[a : a + chunk])), dim=-1)
+        dev = self.bank_loglib.device
+        parts = [F.normalize(self.gene_encoder(self.comp_standardize(
+                     self.bank_composition(torch.arange(a, min(a + chunk, self.bank_size), device=dev)))), dim=-1)
                  for a in range(0, self.bank_size, chunk)]  # fmt: skip
         self.bank_z = torch.cat(parts) if parts else torch.zeros_like(self.bank_z)
         self.train(was)

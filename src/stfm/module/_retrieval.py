@@ -4,6 +4,7 @@ towers and a reference bank of training spots queried by similarity (after STco 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from .._constants import EXPR_KEYS
 from ._base import ExpressionModuleBase
-from ._components import MLP, Standardize, info_nce
+from ._components import MLP, ReferenceBank, Standardize, info_nce
 
 __all__ = ["RETRIEVAL_KEYS", "RetrievalModule"]
 
@@ -37,7 +38,7 @@ def log_composition(x: torch.Tensor) -> torch.Tensor:
     return torch.log1p(x / lib * 1e4)
 
 
-class RetrievalModule(ExpressionModuleBase):
+class RetrievalModule(ReferenceBank, ExpressionModuleBase):
     """Image tower (FM embedding) and expression tower (``log1p`` counts per 10k ‖ Fourier features of the
     section-relative position), trained with symmetric InfoNCE on L2-normalised embeddings and a learned
     temperature. Prediction retrieves the ``k`` bank spots whose expression embedding is most similar to the
@@ -83,20 +84,17 @@ class RetrievalModule(ExpressionModuleBase):
         n_expr = n_genes + (4 * self.n_frequencies if self.use_position else 0)
         self.expression_tower = MLP(n_expr, n_hidden, 1, n_output=n_latent, dropout=dropout_rate, input_dropout=dropout_rate)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=bool(learn_temperature))
-        self.register_buffer("bank_logcomp", torch.zeros(0, n_genes))
-        self.register_buffer("bank_loglib", torch.zeros(0))
+        self._register_bank(n_input, n_genes, embedding=False)
         self.register_buffer("bank_position", torch.zeros(0, 2))
         self._bank_latent: torch.Tensor | None = None
 
     # -- bank --------------------------------------------------------------------------------------------
-    def set_bank(self, counts: np.ndarray, position: np.ndarray | None) -> None:
-        """Store the reference bank: composition and log library size of these spots (and their positions)."""
-        x = torch.as_tensor(np.asarray(counts, dtype=np.float32))
-        dev = self.bank_logcomp.device
-        self.bank_logcomp = log_composition(x).to(dev)
-        self.bank_loglib = torch.log(x.sum(-1).clamp(min=1.0)).to(dev)
-        pos = np.zeros((x.shape[0], 2), np.float32) if position is None else np.asarray(position, np.float32)
-        self.bank_position = torch.as_tensor(pos).to(dev)
+    def set_bank(self, counts: Any, position: np.ndarray | None) -> None:
+        """Store the reference bank: composition (sparse) and log library size of these spots (and their positions)."""
+        self._set_bank_composition(counts)
+        n = int(self.bank_loglib.shape[0])
+        pos = np.zeros((n, 2), np.float32) if position is None else np.asarray(position, np.float32)
+        self.bank_position = torch.as_tensor(pos).to(self.bank_loglib.device)
         self._bank_latent = None
 
     def _apply(self, fn, recurse: bool = True):  # noqa: FBT001, FBT002 (torch's signature)
@@ -106,7 +104,7 @@ class RetrievalModule(ExpressionModuleBase):
     @property
     def bank_size(self) -> int:
         """Number of spots in the reference bank."""
-        return int(self.bank_logcomp.shape[0])
+        return int(self.bank_loglib.shape[0])
 
     def train(self, mode: bool = True):  # noqa: FBT001, FBT002 (torch's signature)
         """Switch mode; entering eval mode refreshes the bank's expression embeddings from the current weights."""
@@ -120,7 +118,8 @@ class RetrievalModule(ExpressionModuleBase):
             return None
         out = []
         for a in range(0, self.bank_size, 4096):
-            out.append(self.encode_expression(self.bank_logcomp[a : a + 4096], self.bank_position[a : a + 4096]))
+            rows = torch.arange(a, min(a + 4096, self.bank_size), device=self.bank_position.device)
+            out.append(self.encode_expression(self.bank_composition(rows), self.bank_position[rows]))
         return torch.cat(out)
 
     # -- towers ------------------------------------------------------------------------------------------
@@ -195,7 +194,7 @@ class RetrievalModule(ExpressionModuleBase):
         z = self.encode_image(tensors[EXPR_KEYS.EMBEDDING_KEY])
         sims, idx = self.retrieve(z, k or self.k)
         w = self.weights(sims, weighting)
-        logcomp = self.bank_logcomp[idx]  # (b, k, G)
+        logcomp = self.bank_composition(idx).view(*idx.shape, -1)  # (b, k, G), dense for this batch only
         mean_log = (w.unsqueeze(-1) * logcomp).sum(1)
         comp = torch.expm1(mean_log.clamp(min=0.0))
         scale = comp / comp.sum(-1, keepdim=True).clamp(min=1e-12)

@@ -1,0 +1,159 @@
+"""Wide panels stay sparse: counts are read a block of rows at a time, banks are CSR, scores stream over blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+import stfm
+from stfm import _rows
+from stfm._rows import ColumnPearson, CountRows, RowRef, csr_rows_torch, log_composition_csr, materialize
+from stfm.model._registry import available_methods
+from stfm.model._training import input_statistics, validation_scores
+
+EMB = "X_synthetic"
+
+
+def _counts(n=53, g=9, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(rng.gamma(0.6, 2.0, (n, g))).astype(np.float32)
+    x[3] = 0  # an empty spot
+    x[:, 4] = 0  # a gene nobody expresses
+    return x
+
+
+@pytest.mark.parametrize("blocks", [[53], [1, 52], [7] * 7 + [4], [20, 0, 33]])
+def test_column_pearson_is_exact_however_the_rows_are_split(blocks):
+    rng = np.random.default_rng(1)
+    p, t = rng.normal(size=(53, 6)) * [1, 10, 0.1, 1, 1, 1] + 100, rng.normal(size=(53, 6))
+    p[:, 5] = 3.0  # a constant column has no correlation
+    acc, a = ColumnPearson(), 0
+    for b in blocks:
+        acc.add(p[a : a + b], t[a : a + b])
+        a += b
+    want = [np.corrcoef(p[:, j], t[:, j])[0, 1] for j in range(5)]
+    r = acc.correlations()
+    np.testing.assert_allclose(r[:5], want, rtol=1e-10)
+    assert np.isnan(r[5]) and np.isclose(acc.mean(), np.mean(want))
+
+
+def test_count_rows_csr_rows_and_weighted_sums_equal_the_dense_matrix():
+    x = _counts()
+    rows = CountRows(sparse.csr_matrix(x))
+    idx = np.array([5, 3, 5, 50])
+    np.testing.assert_array_equal(rows[idx], x[idx])
+    mask = np.arange(len(x)) % 3 == 0
+    np.testing.assert_array_equal(rows[mask], x[mask])  # boolean masks and slices work too
+    np.testing.assert_array_equal(rows[4:9], x[4:9])
+    assert rows.shape == x.shape and len(rows) == len(x) and rows[idx].dtype == np.float32
+    csr = rows.sparse
+    got = csr_rows_torch(torch.as_tensor(csr.indptr, dtype=torch.long), torch.as_tensor(csr.indices),
+                         torch.as_tensor(csr.data), torch.as_tensor([[5, 3], [5, 50]]), x.shape[1])  # fmt: skip
+    np.testing.assert_array_equal(got.numpy(), x[[5, 3, 5, 50]])
+    w = np.array([[0.25, 0.75], [1.0, 0.0]])
+    np.testing.assert_allclose(rows.weighted(np.array([[0, 1], [2, 2]]), w), [0.25 * x[0] + 0.75 * x[1], x[2]], rtol=1e-6)
+    comp, lib = log_composition_csr(x)
+    dense = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    np.testing.assert_allclose(comp.toarray(), dense, rtol=1e-6)
+    assert comp.nnz == np.count_nonzero(x) and np.array_equal(lib, np.maximum(x.sum(1), 1))
+
+
+def test_materialize_fills_row_references_only():
+    x = _counts()
+    sources = {"counts": CountRows(x)}
+    edge = torch.tensor([[0, 1], [1, 0]])
+    g = materialize({"counts": RowRef("counts", np.array([2, 0])), "edge_index": edge}, sources)
+    np.testing.assert_array_equal(g["counts"].numpy(), x[[2, 0]])
+    assert g["edge_index"] is edge
+    with pytest.raises(KeyError, match="reads rows of 'bank'"):
+        materialize({"ref": RowRef("bank", np.array([0]))}, sources)
+
+
+def test_scores_and_statistics_of_sparse_counts_equal_the_dense_formulas(monkeypatch):
+    monkeypatch.setattr(_rows, "BLOCK_ROWS", 5)  # many blocks per section
+    x = _counts(n=60)
+    rng = np.random.default_rng(2)
+    pred = np.abs(x + rng.normal(0, 1.0, x.shape)).astype(np.float32)
+    groups = np.repeat(["a", "b", "c"], 20)
+
+    def by_hand(p, t):
+        def r(u, v):
+            keep = (u.std(0) > 0) & (v.std(0) > 0)
+            return np.mean([np.corrcoef(u[:, j], v[:, j])[0, 1] for j in np.flatnonzero(keep)])
+
+        pc = np.log1p(p / np.maximum(p.sum(1, keepdims=True), 1e-300) * 1e4)
+        tc = np.log1p(np.divide(t * 1e4, t.sum(1, keepdims=True), out=np.zeros_like(t), where=t.sum(1, keepdims=True) > 0))
+        return r(np.log1p(p), np.log1p(t)), r(pc, tc)
+
+    got = validation_scores(pred, sparse.csr_matrix(x), groups)
+    want = np.mean([by_hand(pred[groups == s].astype(float), x[groups == s].astype(float)) for s in "abc"], axis=0)
+    np.testing.assert_allclose([got["raw"], got["composition"]], want, rtol=1e-9)
+    assert got == validation_scores(pred, x, groups)
+    with pytest.raises(ValueError, match="same shape"):
+        validation_scores(pred[:, :3], x, groups)
+    emb = rng.normal(size=(60, 4))
+    stats = input_statistics(sparse.csr_matrix(x), emb)
+    comp = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    np.testing.assert_allclose(stats["composition_mean"], comp.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["composition_std"], comp.std(0), rtol=1e-5, atol=1e-6)
+    assert np.isclose(stats["log_library_mean"], np.log(np.maximum(x.sum(1), 1)).mean())
+
+
+def test_reference_graph_densifies_only_the_reference_rows_it_uses():
+    rng = np.random.default_rng(0)
+    xy = np.c_[np.arange(12) % 4, np.arange(12) // 4].astype(float)
+    tx = rng.normal(size=(12, 5))
+    emb, expr = rng.normal(size=(40, 5)), rng.poisson(2, (40, 6)).astype(np.float32)
+    dense = stfm.graph.reference_graph(xy, tx, {"R": (emb, expr)}, k_reference=2)
+    sp = stfm.graph.reference_graph(xy, tx, {"R": (emb, sparse.csr_matrix(expr))}, k_reference=2)
+    np.testing.assert_array_equal(sp["reference"].y.numpy(), dense["reference"].y.numpy())
+    np.testing.assert_array_equal(dense["reference"].y.numpy(), expr[dense["reference"].source_index.numpy()])
+    bare = stfm.graph.reference_graph(xy, tx, {"R": (emb, None)}, k_reference=2)
+    assert "y" not in bare["reference"] and bare["reference"].x.shape == dense["reference"].x.shape
+    with pytest.raises(ValueError, match="every reference section, or of none"):
+        stfm.graph.reference_graph(xy, tx, {"R": (emb, expr), "S": (emb, None)}, k_reference=2)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return stfm.datasets.synthetic_st(n_sections=4, n_patients=2, n_genes=30, grid=(12, 10), seed=3)
+
+
+BRIEF = {"zinb": {"max_epochs": 1, "batch_size": 32}, "retrieval": {"max_epochs": 1, "batch_size": 32},
+         "hetero_graph": {"max_epochs": 1}, "graph_ae": {"max_epochs": 1, "autoencoder_epochs": 1},
+         "multimodal": {"max_epochs": 1, "pretrain_epochs": 1}, "ridge": {}}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", available_methods())
+def test_no_method_densifies_the_training_counts_whole(method, cohort, monkeypatch):
+    """Every dense block of the panel's counts made while fitting and predicting stays a batch: at most one
+    section (a graph batch; for hetero_graph, the reference spots one batch links to), never the training set."""
+    monkeypatch.setattr(_rows, "BLOCK_ROWS", 16)
+    train = cohort[cohort.obs["section"].isin(["S0", "S1", "S2"])].copy()
+    per_section, n_genes = 120, 20
+    seen: list[int] = []
+    for cls in (sparse.csr_matrix, sparse.csr_array):
+        original = cls.toarray
+
+        def recording(self, *args, _original=original, **kwargs):
+            if self.shape[1] == n_genes:
+                seen.append(self.shape[0])
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "toarray", recording)
+    model = stfm.tl.fit_expression(train, method=method, embedding_key=EMB, n_top_genes=n_genes, seed=0,
+                                   smoothing=(0, 4), **BRIEF.get(method, {"max_epochs": 1}))  # fmt: skip
+    test = cohort[cohort.obs["section"] == "S3"].copy()
+    pred = model.predict(test, library_size="predicted")
+    assert pred.shape == (per_section, n_genes) and np.isfinite(pred).all()
+    assert seen, "the counts were never read"
+    assert max(seen) < train.n_obs, sorted(set(seen))
+    if method != "hetero_graph":
+        assert max(seen) <= per_section, sorted(set(seen))
+    if hasattr(model, "_training_graphs"):  # graph batches held for an epoch refer to rows; none holds them dense
+        graphs = model._training_graphs(np.arange(train.n_obs))
+        wide = [k for g in graphs for k, v in g.items() if isinstance(v, torch.Tensor) and v.shape[-1] == n_genes]
+        assert graphs and not wide, wide
