@@ -12,6 +12,7 @@ from stfm import _rows
 from stfm._rows import ColumnPearson, CountRows, RowRef, csr_rows_torch, log_composition_csr, materialize
 from stfm.model._registry import available_methods
 from stfm.model._training import input_statistics, validation_scores
+from stfm.module._components import ReferenceBank
 
 EMB = "X_synthetic"
 
@@ -157,3 +158,33 @@ def test_no_method_densifies_the_training_counts_whole(method, cohort, monkeypat
         graphs = model._training_graphs(np.arange(train.n_obs))
         wide = [k for g in graphs for k, v in g.items() if isinstance(v, torch.Tensor) and v.shape[-1] == n_genes]
         assert graphs and not wide, wide
+
+
+class _Bank(ReferenceBank, torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._register_bank(3, 9)
+
+
+def test_bank_weighted_sums_match_a_dense_gather_and_the_module_still_copies():
+    import copy
+    import pickle
+
+    x = _counts()
+    m = _Bank()
+    m.set_bank(np.zeros((len(x), 3)), sparse.csr_matrix(x), np.zeros(len(x), int))
+    dense = torch.as_tensor(np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4))
+    rows = torch.as_tensor([[0, 5, 3], [50, 50, 1]])
+    w = torch.as_tensor([[0.2, 0.3, 0.5], [0.5, 0.25, 0.25]])
+    want = (w.unsqueeze(-1) * dense[rows]).sum(1)
+    np.testing.assert_allclose(m.bank_weighted(rows, w).numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    frac = torch.expm1(dense) / 1e4
+    np.testing.assert_allclose(m.bank_weighted(rows, w, "frac2").numpy(), (w.unsqueeze(-1) * frac[rows] ** 2).sum(1).numpy(),
+                               rtol=1e-4, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(m.bank_composition(rows).numpy(), dense[rows.reshape(-1)].numpy(), rtol=1e-6)
+    # a new bank is read, not the cached one; copies and pickles of a module with a filled cache work
+    m.set_bank(np.zeros((len(x), 3)), sparse.csr_matrix(x[::-1].copy()), np.zeros(len(x), int))
+    np.testing.assert_allclose(m.bank_weighted(rows, w).numpy(), (w.unsqueeze(-1) * dense.flip(0)[rows]).sum(1).numpy(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        np.testing.assert_array_equal(twin.bank_weighted(rows, w).numpy(), m.bank_weighted(rows, w).numpy())

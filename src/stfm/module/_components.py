@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,17 @@ __all__ = [
     "segment_softmax",
     "zinb_variance",
 ]
+
+
+class _Cache(dict):
+    """Derived tensors rebuilt on demand: copies and pickles of a module start it empty (torch cannot copy CSR
+    tensors, and the copy would be stale anyway)."""
+
+    def __deepcopy__(self, memo: dict) -> _Cache:
+        return _Cache()
+
+    def __reduce__(self):
+        return (_Cache, ())
 
 
 class ReferenceBank:
@@ -74,6 +86,36 @@ class ReferenceBank:
     def bank_composition(self, rows: Any) -> torch.Tensor:
         """Dense log composition of bank rows ``rows`` (any shape; the result is ``(rows.numel(), G)``)."""
         return csr_rows_torch(self.bank_comp_indptr, self.bank_comp_indices, self.bank_comp_values, rows, self.n_bank_genes)
+
+    def _bank_csr(self, kind: str) -> torch.Tensor:
+        """The bank as a torch CSR tensor of ``kind`` ``'logcomp'`` (log1p counts per 10k), ``'frac'`` (the
+        fraction of the spot's counts) or ``'frac2'`` (its square); cached until the bank changes."""
+        v = self.bank_comp_values
+        key = (kind, v.data_ptr(), v._version, v.numel(), str(v.device))
+        cache = self.__dict__.setdefault("_bank_csr_cache", _Cache())
+        if key not in cache:
+            if kind != "logcomp":
+                v = torch.expm1(v) / 1e4
+                v = v * v if kind == "frac2" else v
+            n = int(self.bank_comp_indptr.numel()) - 1
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # torch: CSR support is "beta"
+                csr = torch.sparse_csr_tensor(self.bank_comp_indptr, self.bank_comp_indices.long(), v, size=(n, self.n_bank_genes))
+            cache = _Cache({k: c for k, c in cache.items() if k[1:] == key[1:]})  # drop entries of an earlier bank
+            cache[key] = csr
+            self.__dict__["_bank_csr_cache"] = cache
+        return cache[key]
+
+    def bank_weighted(self, rows: torch.Tensor, weights: torch.Tensor, kind: str = "logcomp") -> torch.Tensor:
+        """Dense ``(b, G)`` weighted sums ``Σ_j weights[i, j] · bank[rows[i, j]]`` of the bank's ``kind`` values
+        (see :meth:`_bank_csr`), as one sparse product: the ``b × k`` retrieved rows are never gathered densely."""
+        b, k = rows.shape
+        n = int(self.bank_comp_indptr.numel()) - 1
+        which = torch.arange(b, device=rows.device).repeat_interleave(k)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+            w = torch.sparse_coo_tensor(torch.stack([which, rows.reshape(-1)]), weights.reshape(-1).float(), (b, n))
+            return torch.sparse.mm(w.coalesce().to_sparse_csr(), self._bank_csr(kind)).to_dense()
 
     def bank_composition_rows(self) -> CountRows:
         """The bank's log composition as :class:`~stfm._rows.CountRows` (CPU, sparse)."""

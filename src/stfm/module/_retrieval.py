@@ -194,13 +194,12 @@ class RetrievalModule(ReferenceBank, ExpressionModuleBase):
         z = self.encode_image(tensors[EXPR_KEYS.EMBEDDING_KEY])
         sims, idx = self.retrieve(z, k or self.k)
         w = self.weights(sims, weighting)
-        logcomp = self.bank_composition(idx).view(*idx.shape, -1)  # (b, k, G), dense for this batch only
-        mean_log = (w.unsqueeze(-1) * logcomp).sum(1)
+        # weighted sums over the retrieved spots as sparse products with the CSR bank (never b × k × G dense)
+        mean_log = self.bank_weighted(idx, w, "logcomp")
         comp = torch.expm1(mean_log.clamp(min=0.0))
         scale = comp / comp.sum(-1, keepdim=True).clamp(min=1e-12)
-        frac = torch.expm1(logcomp) / 1e4
-        mean_frac = (w.unsqueeze(-1) * frac).sum(1)
-        var_frac = (w.unsqueeze(-1) * (frac - mean_frac.unsqueeze(1)).pow(2)).sum(1)
+        mean_frac = self.bank_weighted(idx, w, "frac")
+        var_frac = (self.bank_weighted(idx, w, "frac2") - mean_frac * mean_frac).clamp(min=0.0)
         cv = var_frac.sqrt() / mean_frac.clamp(min=1e-12)
         log_library = (w * self.bank_loglib[idx]).sum(1)
         return {"scale": scale, "log_library": log_library, "aux": {"cv": cv}}
