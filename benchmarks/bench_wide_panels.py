@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per (method, panel) run")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--render", action="store_true", help="rewrite the page from the results JSON")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the saved rows of the (method, panel) pairs not run now; the page names both commands")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]))))
@@ -108,6 +110,11 @@ def main() -> None:
     meta = {"command": command, "python": platform.python_version(), "torch": torch.__version__, "threads": 2}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    if args.merge and RESULTS.exists():
+        saved = json.loads(RESULTS.read_text())
+        rerun = {(m, n) for m in args.methods for n in args.genes}
+        rows = [r for r in saved["rows"] if (r["method"], r["requested"]) not in rerun]
+        meta["command"] = f"{saved['meta']['command']}`, then `{command} --merge"
 
     def save() -> None:  # after every run, so an interrupted benchmark keeps what it measured
         RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

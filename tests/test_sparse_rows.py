@@ -178,6 +178,9 @@ def test_bank_weighted_sums_match_a_dense_gather_and_the_module_still_copies():
     w = torch.as_tensor([[0.2, 0.3, 0.5], [0.5, 0.25, 0.25]])
     want = (w.unsqueeze(-1) * dense[rows]).sum(1)
     np.testing.assert_allclose(m.bank_weighted(rows, w).numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    m.product_budget = 1  # one query row per sparse product: the same sums
+    np.testing.assert_allclose(m.bank_weighted(rows, w).numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    del m.product_budget
     frac = torch.expm1(dense) / 1e4
     np.testing.assert_allclose(m.bank_weighted(rows, w, "frac2").numpy(), (w.unsqueeze(-1) * frac[rows] ** 2).sum(1).numpy(),
                                rtol=1e-4, atol=1e-12)  # fmt: skip

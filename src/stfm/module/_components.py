@@ -91,31 +91,41 @@ class ReferenceBank:
         """The bank as a torch CSR tensor of ``kind`` ``'logcomp'`` (log1p counts per 10k), ``'frac'`` (the
         fraction of the spot's counts) or ``'frac2'`` (its square); cached until the bank changes."""
         v = self.bank_comp_values
-        key = (kind, v.data_ptr(), v._version, v.numel(), str(v.device))
-        cache = self.__dict__.setdefault("_bank_csr_cache", _Cache())
-        if key not in cache:
+        bank = (v.data_ptr(), v._version, v.numel(), str(v.device))
+        cache = self.__dict__.get("_bank_csr_cache")
+        if cache is None or cache.get("bank") != bank:  # a new bank: drop what was derived from the old one
+            cache = self.__dict__["_bank_csr_cache"] = _Cache(bank=bank, cols=self.bank_comp_indices.long())
+        if kind not in cache:
             if kind != "logcomp":
                 v = torch.expm1(v) / 1e4
                 v = v * v if kind == "frac2" else v
             n = int(self.bank_comp_indptr.numel()) - 1
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # torch: CSR support is "beta"
-                csr = torch.sparse_csr_tensor(self.bank_comp_indptr, self.bank_comp_indices.long(), v, size=(n, self.n_bank_genes))
-            cache = _Cache({k: c for k, c in cache.items() if k[1:] == key[1:]})  # drop entries of an earlier bank
-            cache[key] = csr
-            self.__dict__["_bank_csr_cache"] = cache
-        return cache[key]
+                cache[kind] = torch.sparse_csr_tensor(self.bank_comp_indptr, cache["cols"], v, size=(n, self.n_bank_genes))
+        return cache[kind]
+
+    #: partial products one sparse product may hold (rows × k × non-zeros per bank row): bounds its workspace
+    product_budget = 4_000_000
 
     def bank_weighted(self, rows: torch.Tensor, weights: torch.Tensor, kind: str = "logcomp") -> torch.Tensor:
         """Dense ``(b, G)`` weighted sums ``Σ_j weights[i, j] · bank[rows[i, j]]`` of the bank's ``kind`` values
-        (see :meth:`_bank_csr`), as one sparse product: the ``b × k`` retrieved rows are never gathered densely."""
+        (see :meth:`_bank_csr`), as sparse products over blocks of query rows: the ``b × k`` retrieved rows are
+        never gathered densely, and each product's workspace stays under :attr:`product_budget` entries."""
         b, k = rows.shape
         n = int(self.bank_comp_indptr.numel()) - 1
-        which = torch.arange(b, device=rows.device).repeat_interleave(k)
+        bank = self._bank_csr(kind)
+        per_row = max(1.0, self.bank_comp_values.numel() / max(n, 1))
+        step = max(1, int(self.product_budget // (k * per_row)))
+        out = []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
-            w = torch.sparse_coo_tensor(torch.stack([which, rows.reshape(-1)]), weights.reshape(-1).float(), (b, n))
-            return torch.sparse.mm(w.coalesce().to_sparse_csr(), self._bank_csr(kind)).to_dense()
+            for a in range(0, b, step):
+                r, w = rows[a : a + step], weights[a : a + step]
+                which = torch.arange(r.shape[0], device=rows.device).repeat_interleave(k)
+                m = torch.sparse_coo_tensor(torch.stack([which, r.reshape(-1)]), w.reshape(-1).float(), (r.shape[0], n))
+                out.append(torch.sparse.mm(m.coalesce().to_sparse_csr(), bank).to_dense())
+        return torch.cat(out) if out else torch.zeros((0, self.n_bank_genes), device=rows.device)
 
     def bank_composition_rows(self) -> CountRows:
         """The bank's log composition as :class:`~stfm._rows.CountRows` (CPU, sparse)."""
