@@ -64,7 +64,7 @@ def test_the_gene_branch_never_reads_its_own_or_a_validation_section(model):
     m = model.module
     saved = (m.bank_comp_indptr, m.bank_comp_indices, m.bank_comp_values)
     m.bank_comp_indptr = torch.arange(m.bank_size + 1)  # one entry per bank row: 1 in its section's column
-    m.bank_comp_indices = m.bank_section.to(torch.int32)
+    m.bank_comp_indices = m.bank_section.clone()
     m.bank_comp_values = torch.ones(m.bank_size)
     code = model.bank_sections_.index
     try:

@@ -63,7 +63,8 @@ class ReferenceBank:
             self.register_buffer("bank_x", torch.zeros(0, n_input))
             self.register_buffer("bank_section", torch.zeros(0, dtype=torch.long))
         self.register_buffer("bank_comp_indptr", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("bank_comp_indices", torch.zeros(0, dtype=torch.int32))
+        # int64: DDP broadcasts buffers with gloo, which crashed (SIGSEGV) on an int32 buffer here
+        self.register_buffer("bank_comp_indices", torch.zeros(0, dtype=torch.long))
         self.register_buffer("bank_comp_values", torch.zeros(0))
         self.register_buffer("bank_loglib", torch.zeros(0))
 
@@ -71,7 +72,7 @@ class ReferenceBank:
         comp, lib = log_composition_csr(counts)
         dev = self.bank_loglib.device
         self.bank_comp_indptr = torch.as_tensor(comp.indptr.astype(np.int64)).to(dev)
-        self.bank_comp_indices = torch.as_tensor(comp.indices.astype(np.int32)).to(dev)
+        self.bank_comp_indices = torch.as_tensor(comp.indices.astype(np.int64)).to(dev)
         self.bank_comp_values = torch.as_tensor(comp.data.astype(np.float32)).to(dev)
         self.bank_loglib = torch.as_tensor(np.log(lib), dtype=torch.float32).to(dev)
 
@@ -94,7 +95,7 @@ class ReferenceBank:
         bank = (v.data_ptr(), v._version, v.numel(), str(v.device))
         cache = self.__dict__.get("_bank_csr_cache")
         if cache is None or cache.get("bank") != bank:  # a new bank: drop what was derived from the old one
-            cache = self.__dict__["_bank_csr_cache"] = _Cache(bank=bank, cols=self.bank_comp_indices.long())
+            cache = self.__dict__["_bank_csr_cache"] = _Cache(bank=bank, cols=self.bank_comp_indices)
         if kind not in cache:
             if kind != "logcomp":
                 v = torch.expm1(v) / 1e4
