@@ -14,7 +14,7 @@ import stfm
 from stfm.graph import call_regions
 
 POS = ("invasive cancer", "cancer in situ")
-FAST = {"max_epochs": 5, "batch_size": 64, "model_kwargs": {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.1}}
+FAST = {"max_epochs": 5, "batch_size": 64, "scales": (1.0, 2.0, 4.0), "model_kwargs": {"d_model": 16, "n_layers": 1, "n_heads": 2, "dropout": 0.1}}
 
 
 def synth_section(name: str, seed: int, *, n_side: int = 11, d_img: int = 12, d_expr: int = 8, shift: float = 0.0) -> AnnData:
@@ -181,10 +181,17 @@ def test_threshold_never_reads_test_labels(fitted, synth):
 
 
 def test_threshold_transfers_through_calibration(fitted):
-    # the stored threshold is on calibrated probabilities: raw logits map through the stored Platt scaling
+    # the stored threshold is on calibrated probabilities: with the Platt transfer raw logits map through σ(a·l + b)
+    model = fitted.__class__.__new__(fitted.__class__)
+    model.calibration_, model.threshold_ = {**fitted.calibration_, "strategy": "platt"}, fitted.threshold_
     a, b = fitted.calibration_["a"], fitted.calibration_["b"]
     logits = np.array([-3.0, 0.0, 3.0])
-    np.testing.assert_allclose(fitted.calibrate(logits), 1 / (1 + np.exp(-(a * logits + b))), rtol=1e-5)
+    np.testing.assert_allclose(model.calibrate(logits), 1 / (1 + np.exp(-(a * logits + b))), rtol=1e-5)
+    # the fitted model's own transfer was chosen by the nested comparison, and is what `calibrate` applies
+    chosen = fitted.calibration_["strategy"]
+    table = fitted.validation_["threshold_transfer"]
+    assert set(table) == {"platt", "section", "prior", "quantile"}
+    assert table[chosen]["mean_f1"] == max(r["mean_f1"] for r in table.values())
 
 
 def test_set_threshold_maximises_f1():

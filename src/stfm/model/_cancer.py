@@ -17,6 +17,8 @@ from .._logging import logger
 from .._validation import check_spatial
 from ..graph._context import pool_context
 from ..module._cancer import TENSOR_KEYS, CancerModule
+from ._calibration import Calibration
+from ._cancer_embedder import ExpressionEmbedder
 from ._persist import SafeSaveLoadMixin
 
 __all__ = ["CancerClassifier", "label_to_target"]
@@ -132,7 +134,8 @@ class CancerClassifier(SafeSaveLoadMixin, UnsupervisedTrainingMixin, BaseModelCl
         self.token_config_ = dict(self.registry_["setup_args"])
         self.n_image_, self.n_expression_ = n_image, n_expr
         self.threshold_: float = 0.5
-        self.calibration_: dict[str, Any] = {"method": "none", "a": 1.0, "b": 0.0}
+        self.calibration_: dict[str, Any] = {"method": "none", "strategy": "platt", "a": 1.0, "b": 0.0}
+        self.embedder_: dict[str, Any] | None = None
         self._model_summary_string = (
             f"CancerClassifier: image dim {n_image}, expression dim {n_expr}, {n_ctx} context tokens per modality, "
             f"d_model {d_model}, {n_layers} layers" + (f", ensemble of {n_members}" if n_members > 1 else "")
@@ -290,75 +293,86 @@ class CancerClassifier(SafeSaveLoadMixin, UnsupervisedTrainingMixin, BaseModelCl
             out.append(self.module.inference(**inputs)["logit"].float().cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
-    def calibrate(self, logits: np.ndarray) -> np.ndarray:
-        """Map logits to calibrated tumour probabilities with the stored Platt scaling ``σ(a · logit + b)``."""
-        a, b = float(self.calibration_["a"]), float(self.calibration_["b"])
-        z = np.clip(a * np.asarray(logits, dtype=np.float64) + b, -50, 50)
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    # -- the stored expression embedding ---------------------------------------------------------------
+    @property
+    def embedder(self) -> ExpressionEmbedder | None:
+        """The expression embedding fitted with the model (``None`` when it was trained on a user's ``obsm`` key)."""
+        return None if not self.embedder_ else ExpressionEmbedder.from_dict(self.embedder_)
+
+    @property
+    def embedder_genes(self) -> list[str]:
+        """Genes the stored expression embedding reads (empty when there is none)."""
+        return list(self.embedder_["genes"]) if self.embedder_ else []
+
+    def embed(self, adata: AnnData, *, layer: str | None = None, section_key: str | None = None) -> np.ndarray:
+        """The model's expression embedding of ``adata`` (counts in ``X`` or ``layers[layer]``), per section."""
+        emb = self.embedder
+        if emb is None:
+            key = self.token_config_.get("expression_key")
+            msg = (
+                f"This model was trained on a precomputed expression embedding (`obsm[{key!r}]`) and stores no "
+                "embedding of its own; compute the query's the same way, or refit with `fit_cancer_model(reference)` "
+                "without `expr_rep`."
+            )
+            raise ValueError(msg)
+        key = section_key or self.token_config_.get("section_key")
+        groups = adata.obs[key].astype(str).to_numpy() if key is not None and key in adata.obs else None
+        return emb.transform(adata, layer=layer, groups=groups)
+
+    # -- calibration ----------------------------------------------------------------------------------
+    @property
+    def calibration(self) -> Calibration:
+        """The stored calibration and threshold transfer as a :class:`~stfm.model._calibration.Calibration`."""
+        return Calibration.from_dict({**self.calibration_, "threshold": self.threshold_})
+
+    def calibrate(self, logits: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """Map logits to calibrated tumour scores with the stored calibration (e.g. Platt ``σ(a · logit + b)``).
+
+        ``groups`` names each spot's section for the transfers that work per section (``'section'``,
+        ``'prior'``, ``'quantile'``); ``None`` treats all spots as one section.
+        """
+        return self.calibration.apply(logits, groups).astype(np.float32)
 
     def predict(self, adata: AnnData | None = None, *, batch_size: int | None = None) -> np.ndarray:
-        """Calibrated tumour probability per spot (in [0, 1]); compare with :attr:`threshold_`."""
-        return self.calibrate(self.predict_logits(adata, batch_size=batch_size))
+        """Calibrated tumour score per spot (in [0, 1]); compare with :attr:`threshold_`."""
+        data = self.adata if adata is None else adata
+        key = self.token_config_.get("section_key")
+        groups = data.obs[key].astype(str).to_numpy() if key is not None and key in data.obs else None
+        return self.calibrate(self.predict_logits(adata, batch_size=batch_size), groups)
 
     def set_threshold(
         self,
         logits: np.ndarray,
         labels: np.ndarray,
+        groups: np.ndarray | None = None,
         *,
         calibration: Literal["platt", "none"] = "platt",
         criterion: Literal["f1", "youden"] = "f1",
+        strategy: Literal["platt", "section", "prior", "quantile"] = "platt",
     ) -> float:
         """Fit the calibration on validation logits and store the threshold that maximises ``criterion``.
 
         ``logits`` must come from spots the model (or the fold models that produced them) was not trained on,
-        e.g. whole held-out reference sections. The threshold is on the calibrated probability, so it is
-        applied the same way to every new section; no query label is ever read.
+        e.g. whole held-out reference sections (``groups`` names their sections). The threshold is on the
+        calibrated score and ``strategy`` says how it transfers to a new section (see
+        :mod:`stfm.model._calibration`); no query label is ever read.
 
         Returns
         -------
         The threshold (also stored in :attr:`threshold_`, with the calibration in :attr:`calibration_`).
         """
-        from sklearn.linear_model import LogisticRegression
-
-        logits = np.asarray(logits, dtype=np.float64).ravel()
-        labels = np.asarray(labels, dtype=np.float64).ravel()
-        keep = np.isfinite(labels) & np.isfinite(logits)
-        logits, labels = logits[keep], labels[keep].astype(int)
-        if np.unique(labels).size < 2:
-            msg = f"Validation labels must contain both classes to choose a threshold, found only {np.unique(labels).tolist()}."
+        if calibration not in ("platt", "none"):
+            msg = f"Expected `calibration` to be 'platt' or 'none', found {calibration!r}."
             raise ValueError(msg)
-        if calibration == "platt":
-            lr = LogisticRegression(C=1e4).fit(logits[:, None], labels)
-            a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-            if a <= 0:
-                # a calibration must keep the ranking: validation logits that do not separate the classes give no
-                # usable slope, so keep the model's own probabilities (identity map) and only choose the threshold
-                logger.warning("Platt fit on validation logits has slope %.3g <= 0; keeping uncalibrated probabilities.", a)
-                self.calibration_ = {"method": "none (platt slope <= 0)", "a": 1.0, "b": 0.0}
-            else:
-                self.calibration_ = {"method": "platt", "a": a, "b": b}
-        else:
-            self.calibration_ = {"method": "none", "a": 1.0, "b": 0.0}
-        p = self.calibrate(logits).astype(np.float64)
-        cand = np.unique(p)
-        best, best_t = -1.0, 0.5
-        for t in cand:
-            pred = p >= t
-            tp = np.sum(pred & (labels == 1))
-            fp = np.sum(pred & (labels == 0))
-            fn = np.sum(~pred & (labels == 1))
-            tn = np.sum(~pred & (labels == 0))
-            if criterion == "f1":
-                val = 2 * tp / max(2 * tp + fp + fn, 1)
-            else:
-                val = tp / max(tp + fn, 1) + tn / max(tn + fp, 1) - 1
-            if val > best + 1e-12:
-                best, best_t = val, float(t)
-        # centre the threshold between the chosen score and the next lower validation score
-        lower = cand[cand < best_t]
-        self.threshold_ = float((best_t + lower.max()) / 2) if lower.size else float(best_t)
-        self.calibration_["criterion"] = criterion
-        self.calibration_["validation_score"] = float(best)
-        self.calibration_["n_validation"] = int(labels.size)
-        logger.info("cancer threshold %.3f (%s on %d validation spots, %s calibration)", self.threshold_, criterion, labels.size, calibration)
+        cal, best = Calibration.fit(logits, labels, groups, strategy=strategy, criterion=criterion, platt=calibration == "platt")
+        if cal.method.startswith("none (platt"):
+            logger.warning("Platt fit on validation logits has a slope <= 0; keeping uncalibrated probabilities.")
+        self.threshold_ = float(cal.threshold)
+        d = cal.to_dict()
+        d.pop("threshold")
+        labels = np.asarray(labels, dtype=np.float64).ravel()
+        self.calibration_ = {**d, "criterion": criterion, "validation_score": float(best),
+                             "n_validation": int(np.isfinite(labels).sum())}  # fmt: skip
+        logger.info("cancer threshold %.3f (%s on %d validation spots, %s calibration, %s transfer)", self.threshold_,
+                    criterion, self.calibration_["n_validation"], cal.method, strategy)  # fmt: skip
         return self.threshold_

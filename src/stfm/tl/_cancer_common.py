@@ -68,3 +68,12 @@ def _check_labels(
             "Set `positive=` / `ignore=` to names from that list."
         )
         raise ValueError(msg)
+
+
+def _provenance_kind(t: AnnData, key: str) -> str | None:
+    """What produced ``obsm[key]`` according to ``uns['stfm']`` (e.g. 'expression_embedding:scvi'), if recorded."""
+    entry = t.uns.get("stfm", {}).get(key) if isinstance(t.uns.get("stfm"), Mapping) else None
+    if not isinstance(entry, Mapping):
+        return None
+    detail = entry.get("method", entry.get("encoder"))
+    return f"{entry.get('function', '?')}:{detail}" if detail is not None else str(entry.get("function", "?"))

@@ -25,6 +25,7 @@ from ._cancer_common import (
     REGION_COLORS,
     _check_labels,
     _log_normalise,
+    _provenance_kind,
     _split_sections,
 )
 
@@ -165,9 +166,11 @@ def detect_cancer_regions(
         section's Otsu threshold, so 0.5 is a label-free cut).
     use_rep, expr_rep
         ``obsm`` keys of the image / expression embeddings; default: those the model was trained with. A query may
-        have only one of them.
+        have only one of them. A model fitted with its own expression embedding (``fit_cancer_model``'s default)
+        embeds the query's counts (or ``layer``) itself and refuses ``expr_rep``.
     layer
-        Expression layer for ``'signature'`` (``None`` = counts in ``X``; ``'predicted'`` for H&E-only sections).
+        Expression the stored embedding (``'classifier'``) or the signature reads: ``None`` = counts in ``X``;
+        ``'predicted'`` for H&E-only sections (after :func:`stfm.tl.predict_expression`).
     gene_list
         Signature genes (default :data:`CANCER_MARKERS`).
     table_key
@@ -249,9 +252,42 @@ def detect_cancer_regions(
         if not isinstance(model, CancerClassifier):
             model = CancerClassifier.load(model)
         cfg = model.token_config_
+        if getattr(model, "embedder_", None) and expr_rep is not None:
+            msg = (
+                f"The model embeds expression itself (its stored PCA embedding of counts); it was not fitted on "
+                f"`obsm[{expr_rep!r}]`, so that embedding cannot stand in for it. Drop `expr_rep` (the model embeds the "
+                "query's `X`, or `layer=`), or refit with `fit_cancer_model(reference, expr_rep=...)`."
+            )
+            raise ValueError(msg)
+        stored = bool(getattr(model, "embedder_", None))
         img_key = use_rep if use_rep is not None else cfg.get("image_key")
-        exp_key = expr_rep if expr_rep is not None else cfg.get("expression_key")
-        have = [k for k in (img_key, exp_key) if k is not None and k in table.obsm]
+        exp_key = expr_rep if expr_rep is not None else (None if stored else cfg.get("expression_key"))
+        kinds = dict(getattr(model, "embedding_kinds_", None) or {})
+        for mine, theirs in ((img_key, cfg.get("image_key")), (exp_key, cfg.get("expression_key"))):
+            if mine is None or theirs is None or mine not in table.obsm or theirs not in kinds:
+                continue
+            found = _provenance_kind(table, mine)
+            if found is not None and found != kinds[theirs]:
+                msg = (
+                    f"The model was fitted on `obsm[{theirs!r}]` made by {kinds[theirs]!r}, but the query's "
+                    f"`obsm[{mine!r}]` was made by {found!r}. Embed the query the same way as the reference (same "
+                    "encoder, same expression embedding method)" + (", or let the model embed the query's counts (no `expr_rep`)." if model.embedder_ else ".")
+                )
+                raise ValueError(msg)
+        expression = None
+        if stored:
+            has_counts = layer is not None or (table.X is not None and table.n_vars > 0)
+            if has_counts:
+                expression = model.embed(table, layer=layer, section_key=section_key if section_key in table.obs else None)
+            elif img_key is None or img_key not in table.obsm:
+                msg = (
+                    "The query has no counts in `X` and no `layer` was given, and the model's expression embedding needs "
+                    "one of them. For an H&E-only section: `stfm.tl.predict_expression(query, expr_model)` and then "
+                    "`detect_cancer_regions(query, model, layer='predicted')`"
+                    + (f", or give the image embedding `obsm[{img_key!r}]`." if img_key else ".")
+                )
+                raise ValueError(msg)
+        have = [k for k in (img_key, exp_key) if k is not None and k in table.obsm] + (["stored"] if expression is not None else [])
         if not have:
             wanted = [k for k in (img_key, exp_key) if k is not None]
             msg = (
@@ -267,10 +303,13 @@ def detect_cancer_regions(
         for mine, theirs in ((img_key, cfg.get("image_key")), (exp_key, cfg.get("expression_key"))):
             if mine is not None and theirs is not None and mine in table.obsm:
                 q.obsm[theirs] = np.asarray(table.obsm[mine])
+        if expression is not None:
+            q.obsm[cfg["expression_key"]] = expression
         score = model.predict(q, batch_size=batch_size)
         thr = float(model.threshold_ if threshold is None else threshold)
         params.update({"image_key": img_key if img_key in table.obsm else "None",
-                       "expression_key": exp_key if exp_key in table.obsm else "None",
+                       "expression_key": ("stored embedding of " + (f"layers[{layer!r}]" if layer else "X")) if expression is not None
+                       else (exp_key if exp_key in table.obsm else "None"),
                        "calibration": dict(model.calibration_), "model_threshold": float(model.threshold_),
                        "model": dict(model.fit_params_) if hasattr(model, "fit_params_") else "None",
                        "scales": list(cfg["scales"]), "n_sectors": int(cfg["n_sectors"])})  # fmt: skip
