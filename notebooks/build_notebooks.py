@@ -168,16 +168,17 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     ],
     "04_cancer": [
         ("md", "# Cancer regions: fit on A1–D1, map B4\n\nA1, B1, C1 and D1 are the pathologist-annotated her2st "
-               "sections (one per patient). The classifier reads a label-free expression embedding (scVI, one batch "
-               "per section) pooled in rings around each spot, and its threshold is fixed on held-out reference "
-               "sections. Patients E–H are never read."),
+               "sections (one per patient). One call trains from their counts: the classifier fits and stores its own "
+               "label-free expression embedding (PCA, standardised within each section), pools it in rings around "
+               "each spot, and fixes its threshold on held-out reference sections. B4, never seen by the fit, needs "
+               "no preparation. Patients E–H are never read."),
         ("code", PARAMS),
         ("code", 'reference = {s: stfm.datasets.her2st(s) for s in ("A1", "B1", "C1", "D1")}\n'
                  'b4 = stfm.datasets.her2st("B4")\n'
-                 'stfm.tl.expression_embedding({**reference, "B4": b4}, method="scvi", reference=list(reference),\n'
-                 '                             max_epochs=10 if FAST else 100)\n'
-                 'model = stfm.tl.fit_cancer_model(reference, expr_rep="X_scvi_expr", **({"max_epochs": 3} if FAST else {}))\n'
-                 'print("threshold fixed on held-out reference sections:", round(model.threshold_, 3))'),
+                 'model = stfm.tl.fit_cancer_model(reference, **({"max_epochs": 3} if FAST else {}))\n'
+                 'print("threshold fixed on held-out reference sections:", round(model.threshold_, 3),\n'
+                 '      "| transfer:", model.calibration_["strategy"])\n'
+                 'pd.DataFrame(model.validation_["sections"]).T[["auc", "n_spots", "n_positive"]]'),
         ("code", 'sdata = stfm.io.to_spatialdata(b4)\n'
                  'stfm.tl.detect_cancer_regions(sdata, model, shapes_added="B4_tumor")\n'
                  'table = sdata.tables["table"]\n'

@@ -372,6 +372,12 @@ def test_signature_on_her2st_and_spatialdata_shapes():
     pts = shapely.points(np.asarray(table.obsm["spatial"])[tum])
     assert shapely.contains(shapely.union_all(shapes.geometry.to_numpy()), pts).all()
     assert int(shapes["n_spots"].sum()) == int(tum.sum())
+    # no tumour call at all: no empty element (SpatialData cannot hold one), and the earlier polygons go
+    with pytest.warns(UserWarning, match="No spot was called tumour.*earlier polygons of that name were removed"):
+        stfm.tl.detect_cancer_regions(sdata, method="signature", table_key="table", shapes_added="tumour_regions", threshold=1.01)
+    assert "tumour_regions" not in sdata.shapes
+    assert (sdata.tables["table"].obs["cancer_region"] == "non-tumor").all()
+    assert sdata.tables["table"].uns["stfm"]["cancer_region"]["shapes_added"].startswith("None (no tumour spots")
 
 
 @needs_her2st

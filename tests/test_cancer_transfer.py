@@ -75,6 +75,21 @@ def test_prior_shift_recovers_the_section_prior():
         np.testing.assert_allclose(adj, _sigmoid(3 * x + np.log(est / (1 - est))), atol=1e-6)
 
 
+def test_prior_estimate_stays_within_the_validation_range():
+    # scores that are all low under the validation prior run EM to the clip value (every spot ~0) ...
+    p = np.full(300, 0.05)
+    _, free = prior_shift(p, train_prior=0.5)
+    assert free < 0.01
+    # ... so the calibration bounds it by the tumour fractions its validation sections span
+    adj, bounded = prior_shift(p, train_prior=0.5, bounds=(0.2, 0.9))
+    assert bounded == pytest.approx(0.2) and adj.min() > 0.01
+    rng = np.random.default_rng(4)
+    (x0, y0), (x1, y1) = _section(rng, 400, 0.25), _section(rng, 400, 0.75)
+    cal, _ = Calibration.fit(np.r_[x0, x1], np.r_[y0, y1], np.r_[[0] * 400, [1] * 400], strategy="prior")
+    assert cal.prior_range == pytest.approx((y0.mean(), y1.mean()))
+    assert Calibration.from_dict(cal.to_dict()).prior_range == pytest.approx(cal.prior_range)
+
+
 def test_each_transfer_does_what_it_says():
     rng = np.random.default_rng(2)
     (x0, y0), (x1, y1) = _section(rng, 300, 0.3), _section(rng, 300, 0.7)

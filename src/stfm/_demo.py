@@ -120,9 +120,8 @@ def run_demo(out: str | os.PathLike[str] = "stfm_demo_out", *, section: str = "B
     _done(t0, f"{out / f'{section}_expression.png'}")
 
     t0 = _step("training the cancer classifier on " + ", ".join(reference))
-    tl.expression_embedding({**reference, section: table}, method="scvi", reference=list(reference),
-                            max_epochs=20 if fast else 100)  # fmt: skip
-    cancer = tl.fit_cancer_model(reference, expr_rep="X_scvi_expr", **({"max_epochs": 3} if fast else {}))
+    # one call from counts: the model stores its own expression embedding and embeds the new section itself
+    cancer = tl.fit_cancer_model(reference, **({"max_epochs": 3} if fast else {}))
     tl.detect_cancer_regions(sdata, cancer, table_key="table", shapes_added=f"{section}_tumor")
     counts = table.obs["cancer_region"].value_counts()
     fig = pl.cancer_regions(io.to_anndata(sdata, table_key="table"), return_fig=True)  # on the H&E

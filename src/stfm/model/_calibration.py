@@ -10,8 +10,8 @@ is the ``strategy``:
     Platt-scaled: removes section-level offsets of the logit scale.
 ``'prior'``
     Platt scaling, then a prior-shift correction per section (Saerens, Latinne & Decaestecker 2002): the
-    section's tumour fraction is estimated by EM from its own calibrated scores and the posteriors are
-    re-weighted from the validation prior to it.
+    section's tumour fraction is estimated by EM from its own calibrated scores, within the range of tumour
+    fractions of the validation sections, and the posteriors are re-weighted from the validation prior to it.
 ``'quantile'``
     SpaCancer's transfer: every section calls the same *fraction* of its spots tumour as the validation
     threshold called on the pooled validation spots (assumes every section has the validation tumour fraction).
@@ -54,15 +54,23 @@ def standardise_by_section(logits: np.ndarray, groups: np.ndarray | None) -> np.
     return out
 
 
-def prior_shift(p: np.ndarray, train_prior: float, *, max_iter: int = 200, tol: float = 1e-6) -> tuple[np.ndarray, float]:
-    """Saerens EM: posteriors under ``train_prior`` → posteriors under the section's own estimated prior."""
+def prior_shift(
+    p: np.ndarray, train_prior: float, *, bounds: tuple[float, float] = (1e-3, 1 - 1e-3), max_iter: int = 200,
+    tol: float = 1e-6,
+) -> tuple[np.ndarray, float]:
+    """Saerens EM: posteriors under ``train_prior`` → posteriors under the section's own estimated prior.
+
+    The estimate is kept within ``bounds``: EM on miscalibrated scores can run to a prior of 0 or 1 (every spot
+    called one class), so :class:`Calibration` bounds it by the tumour fractions of the validation sections.
+    """
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
     t = float(np.clip(train_prior, 1e-3, 1 - 1e-3))
-    q = t
+    lo, hi = max(float(bounds[0]), 1e-3), min(float(bounds[1]), 1 - 1e-3)
+    q = float(np.clip(t, lo, hi))
     for _ in range(max_iter):
         w1, w0 = q / t, (1 - q) / (1 - t)
         adj = w1 * p / (w1 * p + w0 * (1 - p))
-        new = float(np.clip(adj.mean(), 1e-3, 1 - 1e-3))
+        new = float(np.clip(adj.mean(), lo, hi))
         done = abs(new - q) < tol
         q = new
         if done:
@@ -118,11 +126,13 @@ class Calibration:
     """
 
     def __init__(self, strategy: Strategy = "platt", a: float = 1.0, b: float = 0.0, train_prior: float = 0.5,
-                 threshold: float = 0.5, fraction: float = 0.5, method: str = "platt") -> None:  # fmt: skip
+                 threshold: float = 0.5, fraction: float = 0.5, method: str = "platt",
+                 prior_range: tuple[float, float] = (1e-3, 1 - 1e-3)) -> None:  # fmt: skip
         if strategy not in STRATEGIES:
             msg = f"Expected the threshold transfer to be one of {list(STRATEGIES)}, found {strategy!r}."
             raise ValueError(msg)
         self.strategy, self.a, self.b = strategy, float(a), float(b)
+        self.prior_range = (float(prior_range[0]), float(prior_range[1]))
         self.train_prior, self.threshold, self.fraction, self.method = float(train_prior), float(threshold), float(fraction), method
 
     # -- fitting ---------------------------------------------------------------------------------------
@@ -152,7 +162,10 @@ class Calibration:
             else:
                 # validation logits that do not separate the classes give no usable slope: keep the ranking
                 method = "none (platt slope <= 0)"
-        cal = cls(strategy, a, b, train_prior=float(y.mean()), method=method)
+        # the tumour fractions the validation sections span bound the prior-shift estimate (one section: no bound)
+        fractions = [float(np.mean(y[g[keep] == s])) for s in np.unique(g[keep])]
+        prior_range = (min(fractions), max(fractions)) if len(fractions) >= 2 else (1e-3, 1 - 1e-3)
+        cal = cls(strategy, a, b, train_prior=float(y.mean()), method=method, prior_range=prior_range)
         p = cal._scores(x_all, g)[keep]
         t, val = best_threshold(p, y, criterion)
         cal.threshold = t
@@ -167,7 +180,7 @@ class Calibration:
             out = p.copy()
             for s in np.unique(groups):
                 m = groups == s
-                out[m], _ = prior_shift(p[m], self.train_prior)
+                out[m], _ = prior_shift(p[m], self.train_prior, bounds=self.prior_range)
             return out
         return p
 
@@ -195,12 +208,14 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "method": self.method, "a": self.a, "b": self.b,
-                "train_prior": self.train_prior, "threshold": self.threshold, "fraction": self.fraction}  # fmt: skip
+                "train_prior": self.train_prior, "threshold": self.threshold, "fraction": self.fraction,
+                "prior_range": list(self.prior_range)}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         return cls(d.get("strategy", "platt"), d.get("a", 1.0), d.get("b", 0.0), d.get("train_prior", 0.5),
-                   d.get("threshold", 0.5), d.get("fraction", 0.5), d.get("method", "platt"))  # fmt: skip
+                   d.get("threshold", 0.5), d.get("fraction", 0.5), d.get("method", "platt"),
+                   tuple(d.get("prior_range", (1e-3, 1 - 1e-3))))  # fmt: skip
 
 
 def compare_strategies(

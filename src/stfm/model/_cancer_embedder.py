@@ -20,6 +20,8 @@ __all__ = ["ExpressionEmbedder"]
 
 #: fraction of the embedder's genes a query must have (the others take the reference mean)
 MIN_GENE_FRACTION = 0.8
+#: rows embedded at a time
+_BLOCK = 8192
 
 
 def _rows_log(x: Any) -> np.ndarray:
@@ -32,6 +34,27 @@ def _rows_log(x: Any) -> np.ndarray:
     lib = x.sum(1, keepdims=True)
     lib[lib == 0] = 1.0
     return np.log1p(x / lib * 1e4)
+
+
+def _columns(var_names: Sequence[str], genes: Sequence[str]) -> np.ndarray:
+    """Column of each of ``genes`` in ``var_names`` (first occurrence; -1 where absent)."""
+    first: dict[str, int] = {}
+    for i, g in enumerate(map(str, var_names)):
+        first.setdefault(g, i)
+    return np.asarray([first.get(str(g), -1) for g in genes], dtype=np.int64)
+
+
+def _log_sparse(x: Any) -> sparse.csr_matrix:
+    """``_rows_log`` as a sparse matrix (log1p keeps the zeros), for gene statistics over wide panels."""
+    x = sparse.csr_matrix(x, dtype=np.float64)
+    if x.nnz and (not np.isfinite(x.data).all() or x.data.min() < 0):
+        msg = "Expected non-negative finite counts, found negative or non-finite values."
+        raise ValueError(msg)
+    lib = np.asarray(x.sum(1)).ravel()
+    lib[lib == 0] = 1.0
+    x = sparse.diags(1e4 / lib) @ x
+    x.data = np.log1p(x.data)
+    return x.tocsr()
 
 
 @dataclass
@@ -84,12 +107,19 @@ class ExpressionEmbedder:
             if t.X is None:
                 msg = f"Reference section {i} has no counts in `X`; the stored expression embedding is fitted on measured counts."
                 raise ValueError(msg)
-        logs = np.vstack([_rows_log(t.X[:, t.var_names.get_indexer(shared)]) for t in sections])
-        order = np.argsort(-logs.var(0), kind="stable")[: int(min(n_top_genes, len(shared)))]
+        # gene variances of the log-normalised values, accumulated per section without densifying the panel
+        n, s1, s2 = 0, np.zeros(len(shared)), np.zeros(len(shared))
+        for t in sections:
+            lg = _log_sparse(t.X[:, _columns(t.var_names, shared)])
+            n += lg.shape[0]
+            s1 += np.asarray(lg.sum(0)).ravel()
+            s2 += np.asarray(lg.multiply(lg).sum(0)).ravel()
+        var = s2 / max(n, 1) - (s1 / max(n, 1)) ** 2
+        order = np.argsort(-var, kind="stable")[: int(min(n_top_genes, len(shared)))]
         order = np.sort(order)
         chosen = [str(g) for g in shared[order]]
         # the HVG rows are re-normalised over the chosen genes (the embedder's own library size)
-        x = np.vstack([_rows_log(t.X[:, t.var_names.get_indexer(chosen)]) for t in sections])
+        x = np.vstack([_rows_log(t.X[:, _columns(t.var_names, chosen)]) for t in sections])
         mean, scale = x.mean(0), x.std(0) + 1e-6
         n_pc = int(min(n_comps, len(chosen), x.shape[0] - 1))
         if n_pc < 1:
@@ -104,10 +134,7 @@ class ExpressionEmbedder:
 
     def check_genes(self, var_names: Sequence[str], *, where: str = "the query") -> np.ndarray:
         """Column of every embedder gene in ``var_names`` (-1 where absent); raises when too few are shared."""
-        first: dict[str, int] = {}
-        for i, g in enumerate(map(str, var_names)):
-            first.setdefault(g, i)
-        idx = np.asarray([first.get(g, -1) for g in self.genes], dtype=np.int64)
+        idx = _columns(var_names, self.genes)
         n_have = int((idx >= 0).sum())
         if n_have < MIN_GENE_FRACTION * len(self.genes):
             missing = [g for g, i in zip(self.genes, idx) if i < 0]
@@ -139,11 +166,13 @@ class ExpressionEmbedder:
                 raise ValueError(msg)
         idx = self.check_genes(adata.var_names)
         have = idx >= 0
-        sub = x[:, idx[have]]
-        logs = np.empty((adata.n_obs, len(self.genes)))
-        logs[:, have] = _rows_log(sub)
-        logs[:, ~have] = self.mean[~have]
-        z = ((logs - self.mean) / self.scale) @ self.components.T
+        z = np.empty((adata.n_obs, self.n_comps))
+        for start in range(0, adata.n_obs, _BLOCK):  # blocks of rows: memory O(block × genes)
+            rows = slice(start, min(start + _BLOCK, adata.n_obs))
+            logs = np.empty((rows.stop - rows.start, len(self.genes)))
+            logs[:, have] = _rows_log(x[rows][:, idx[have]])
+            logs[:, ~have] = self.mean[~have]
+            z[rows] = ((logs - self.mean) / self.scale) @ self.components.T
         if self.standardize == "section":
             labels = np.zeros(adata.n_obs, dtype=int) if groups is None else np.asarray(groups)
             for g in np.unique(labels):

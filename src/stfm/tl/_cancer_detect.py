@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -357,6 +358,16 @@ def detect_cancer_regions(
         final_tumour = np.asarray(calls) != "non-tumor"
         final_tumour &= tumour
         shapes = tumour_shapes(final_tumour, coords, pitch)
+        if len(shapes) == 0:
+            # SpatialData cannot hold an empty shapes element: write none, and drop polygons of an earlier call
+            warnings.warn(
+                f"No spot was called tumour, so no tumour polygons were written (`shapes_added={shapes_added!r}`)"
+                + (" and the earlier polygons of that name were removed." if shapes_added in out.shapes else "."),
+                UserWarning, stacklevel=2,
+            )  # fmt: skip
+            if shapes_added in out.shapes:
+                del out.shapes[shapes_added]
+            shapes, shapes_added = None, f"None (no tumour spots; {shapes_added!r} not written)"
     t.obs[score_key] = score
     t.obs[key_added] = calls
     t.uns[f"{key_added}_colors"] = list(REGION_COLORS)
