@@ -20,6 +20,7 @@ from ..module._cancer import TENSOR_KEYS, CancerModule
 from ._calibration import Calibration
 from ._cancer_embedder import ExpressionEmbedder
 from ._persist import SafeSaveLoadMixin
+from ._training import ExpressionTrainingPlan
 
 __all__ = ["CancerClassifier", "label_to_target"]
 
@@ -95,6 +96,8 @@ class CancerClassifier(SafeSaveLoadMixin, UnsupervisedTrainingMixin, BaseModelCl
     """
 
     _module_cls = CancerModule
+    #: scvi-tools' plan with the extra metrics (InfoNCE) logged outside inference mode, so DDP can reduce them
+    _training_plan_cls = ExpressionTrainingPlan
 
     def __init__(
         self,
