@@ -471,15 +471,8 @@ def test_fit_cancer_model_ddp_on_two_cpu_processes(monkeypatch):
     assert score.shape == (ad.n_obs,) and np.isfinite(score).all()
 
 
-_ORDER_DEPENDENT = pytest.mark.xfail(
-    strict=False,
-    reason="open regression (2026-12-02): passes alone and after the zinb case, but after the earlier tests of this "
-    "file the validation history does not come back from the workers since the counts became sparse row references",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["zinb", pytest.param("hetero_graph", marks=_ORDER_DEPENDENT)])  # spot minibatches; graph batches
+@pytest.mark.parametrize("method", ["zinb", "hetero_graph"])  # spot minibatches; graph batches
 def test_fit_expression_ddp_on_two_cpu_processes(method):
     """Expression training with two CPU processes (gloo, ``ddp_spawn``): the weights, the validation history and the
     epoch chosen on it come back from the workers."""

@@ -191,3 +191,19 @@ def test_bank_weighted_sums_match_a_dense_gather_and_the_module_still_copies():
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         np.testing.assert_array_equal(twin.bank_weighted(rows, w).numpy(), m.bank_weighted(rows, w).numpy())
+
+
+def test_bank_rows_do_not_alias_the_buffers():
+    """The bank's CountRows (held by graph data modules) own their memory: moving the buffers to shared memory, as
+    spawning DDP workers does, must not leave them reading a freed block (it gave NaN reference rows)."""
+    x = _counts()
+    m = _Bank()
+    m.set_bank(np.zeros((len(x), 3)), sparse.csr_matrix(x), np.zeros(len(x), int))
+    rows = m.bank_composition_rows()
+    for name in ("bank_comp_values", "bank_comp_indices", "bank_comp_indptr"):
+        buf = getattr(m, name).numpy()
+        assert not any(np.shares_memory(buf, a) for a in (rows.sparse.data, rows.sparse.indices, rows.sparse.indptr)), name
+    before = rows[np.arange(len(x))]
+    for b in m.buffers():
+        b.share_memory_()
+    np.testing.assert_array_equal(rows[np.arange(len(x))], before)

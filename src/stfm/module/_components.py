@@ -131,8 +131,10 @@ class ReferenceBank:
     def bank_composition_rows(self) -> CountRows:
         """The bank's log composition as :class:`~stfm._rows.CountRows` (CPU, sparse)."""
         n = int(self.bank_comp_indptr.numel()) - 1
-        csr = sparse.csr_matrix((self.bank_comp_values.detach().cpu().numpy(), self.bank_comp_indices.cpu().numpy(),
-                                 self.bank_comp_indptr.cpu().numpy()), shape=(n, self.n_bank_genes))  # fmt: skip
+        # copies, not views of the buffers' memory: spawning DDP workers moves buffers to shared memory and frees
+        # the old block, and a view kept in a data module would then be pickled from freed memory (NaN rows)
+        csr = sparse.csr_matrix((self.bank_comp_values.detach().cpu().numpy().copy(), self.bank_comp_indices.cpu().numpy().copy(),
+                                 self.bank_comp_indptr.cpu().numpy().copy()), shape=(n, self.n_bank_genes))  # fmt: skip
         return CountRows(csr)
 
 
