@@ -87,12 +87,10 @@ def baseline(ref: dict, test, seed: int) -> np.ndarray:
     return lr.predict_proba(zt)[:, 1]
 
 
-def a1_image_experiment(seed: int, epochs: int) -> list[dict]:
-    """A1 only: image-only vs expression-only vs fused, spatial 2-fold *within* A1 (not patient-level)."""
+def a1_png_features(a1) -> None:
+    """``obsm['X_efficientnet_lite0']`` of A1 from its only image, the 3.2 µm/px viewer PNG (its hires image)."""
     import stfm
 
-    a1 = stfm.datasets.her2st("A1")
-    # A1's only image is the 3.2 µm/px viewer PNG (its hires image): coordinates scaled to it, slide_mpp of it
     lib = a1.uns["spatial"]["A1"]
     scalef = float(lib["scalefactors"]["tissue_hires_scalef"])
     on_png = a1.copy()
@@ -105,6 +103,14 @@ def a1_image_experiment(seed: int, epochs: int) -> list[dict]:
         stfm.pp.extract_features(on_png, "efficientnet_lite0", img=lib["images"]["hires"], slide_mpp=png_mpp,
                                  tile_um=112.0, tile_px=round(112.0 / png_mpp), show_progress_bar=False)  # fmt: skip
     a1.obsm["X_efficientnet_lite0"] = on_png.obsm["X_efficientnet_lite0"]
+
+
+def a1_image_experiment(seed: int, epochs: int) -> list[dict]:
+    """A1 only: image-only vs expression-only vs fused, spatial 2-fold *within* A1 (not patient-level)."""
+    import stfm
+
+    a1 = stfm.datasets.her2st("A1")
+    a1_png_features(a1)
     x = np.asarray(a1.obsm["spatial"])[:, 0]
     half = x >= np.median(x)
     rows = []

@@ -52,7 +52,7 @@ for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi", "stf
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_cancer import BASELINE, IGNORE, POSITIVE, SECTIONS, _plain, baseline  # noqa: E402
+from bench_cancer import BASELINE, IGNORE, POSITIVE, SECTIONS, _plain, a1_png_features, baseline  # noqa: E402
 
 RESULTS = Path("benchmarks/results/cancer_second_pass.json")
 PAGE = Path("docs/benchmarks/cancer_second_pass.md")
@@ -126,19 +126,6 @@ def _silver(a) -> pd.Series:
     return out
 
 
-def _a1_png_features(a1):
-    import stfm
-
-    lib = a1.uns["spatial"]["A1"]
-    scalef = float(lib["scalefactors"]["tissue_hires_scalef"])
-    on_png = a1.copy()
-    on_png.obsm["spatial"] = np.asarray(a1.obsm["spatial"]) * scalef
-    png_mpp = float(lib["scalefactors"]["microns_per_pixel"]) / scalef
-    stfm.pp.extract_features(on_png, "efficientnet_lite0", img=lib["images"]["hires"], slide_mpp=png_mpp,
-                             tile_um=112.0, tile_px=round(112.0 / png_mpp), show_progress_bar=False)  # fmt: skip
-    a1.obsm["X_efficientnet_lite0"] = on_png.obsm["X_efficientnet_lite0"]
-
-
 def part_histology(models: dict, seed: int) -> list[dict]:
     import stfm
 
@@ -146,7 +133,7 @@ def part_histology(models: dict, seed: int) -> list[dict]:
     for a in img.values():
         stfm.pp.extract_features(a, "efficientnet_lite0", show_progress_bar=False)
     a1 = stfm.datasets.her2st("A1")
-    _a1_png_features(a1)
+    a1_png_features(a1)
     rows = []
     targets = [("B", list(IMAGE_SECTIONS["B"])), ("C", list(IMAGE_SECTIONS["C"])), ("A", ["A1"])]
     for patient, secs in targets:

@@ -234,11 +234,12 @@ def compare_strategies(
         rows: dict[str, dict[str, float]] = {}
         for v in names:
             others = [n for n in names if n != v]
+            if not others:
+                continue
             lo = np.concatenate([logits[n] for n in others])
             la = np.concatenate([labels[n] for n in others])
             gr = np.concatenate([[i] * len(logits[n]) for i, n in enumerate(others)])
-            keep_o = np.isfinite(la)
-            if not others or np.unique(la[keep_o]).size < 2:
+            if np.unique(la[np.isfinite(la)]).size < 2:
                 continue
             cal, _ = Calibration.fit(lo, la, gr, strategy=s, criterion=criterion)  # type: ignore[arg-type]
             p = cal.apply(logits[v])

@@ -77,10 +77,11 @@ class CancerClassifier(SafeSaveLoadMixin, UnsupervisedTrainingMixin, BaseModelCl
     pooled context token per (scale ring × angular sector) of neighbours
     (:func:`stfm.graph.pool_context`). Either modality may be missing at inference.
 
-    The decision threshold is not learnt from the training loss: :meth:`set_threshold` stores a Platt
-    calibration and a threshold chosen on validation scores (see :func:`stfm.tl.fit_cancer_model`, which
-    computes them on whole reference sections held out in turn). They are saved and loaded with the model
-    (safetensors weights + JSON settings; nothing is unpickled).
+    The decision threshold is not learnt from the training loss: :meth:`set_threshold` stores a calibration, the
+    way it transfers to new sections (:mod:`stfm.model._calibration`) and a threshold chosen on validation scores
+    (see :func:`stfm.tl.fit_cancer_model`, which computes them on whole reference sections held out in turn).
+    A model fitted from counts also carries its expression embedding (:attr:`embedder`, :meth:`embed`). All of
+    it is saved and loaded with the model (safetensors weights + JSON settings; nothing is unpickled).
 
     Parameters
     ----------
