@@ -158,6 +158,43 @@ def test_sigterm_inside_the_swap_keeps_exactly_one_complete_version(moment, tmp_
     assert stale_temporaries(target) == [], "SIGTERM inside the swap must leave no temporary behind"
 
 
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_sigterm_right_after_the_temporary_is_created_removes_it(kind, tmp_path, monkeypatch):
+    """The random kills above once landed between the temporary's creation and its registration for cleanup
+    (``tempfile.mkdtemp`` had returned, the handler did not know the folder yet): put SIGTERM exactly there."""
+    from stfm import _atomic
+
+    class Stopped(Exception):
+        pass
+
+    def previous(signum, frame):
+        raise Stopped
+
+    fired = []
+    name = "mkdir" if kind == "dir" else "open"
+    real = getattr(os, name)
+
+    def create(path, *args, **kwargs):
+        out = real(path, *args, **kwargs)
+        if ".stfm-tmp-" in str(path) and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # the temporary exists; nothing else has run yet
+        return out
+
+    monkeypatch.setattr(_atomic.os, name, create)
+    target = tmp_path / ("m" if kind == "dir" else "f.npz")
+    writer = _atomic.atomic_dir(target) if kind == "dir" else _atomic.atomic_file(target)
+    before = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(Stopped), writer:
+            pytest.fail("the signal should have stopped the write before it began")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert fired, "the temporary was not created through os.%s" % name
+    assert stale_temporaries(target) == [], "SIGTERM right after the temporary was created left it behind"
+    assert not target.exists()
+
+
 def test_sigterm_waits_for_writer_threads_before_the_temporary_is_gone(tmp_path):
     """zarr writes on its own I/O thread (dask on worker threads): a chunk in flight when SIGTERM arrives recreates
     the temporary after the handler removed it, unless the handler waits for the writers to go quiet."""

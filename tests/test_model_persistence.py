@@ -183,3 +183,16 @@ def test_ensemble_saves_as_one_folder(cohort, tmp_path):
     back = stfm.model.load_model(tmp_path / "e")
     assert isinstance(back, stfm.model.ExpressionEnsemble) and len(back.members) == 2
     np.testing.assert_allclose(back.predict(cohort), ens.predict(cohort), rtol=1e-5)
+
+
+def test_ensembles_fitted_with_different_seeds_share_no_member(cohort):
+    """Member i of an ensemble is seeded ``seed * n_models + i``: with ``seed + i`` the ensembles of seeds 0 and 1
+    shared a member, and a spread over benchmark seeds understated the seed variance."""
+    import torch
+
+    fits = [stfm.tl.fit_expression(cohort, method="zinb", embedding_key=EMB, n_top_genes=8, n_models=2, seed=s,
+                                   max_epochs=1) for s in (0, 1)]  # fmt: skip
+    weights = [torch.cat([p.detach().ravel() for p in m.module.parameters()]) for e in fits for m in e.members]
+    for i in range(len(weights)):
+        for j in range(i + 1, len(weights)):
+            assert not torch.equal(weights[i], weights[j]), f"members {i} and {j} were trained with the same seed"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -86,6 +86,35 @@ def _signals_cleanup() -> Iterator[None]:
             signal.signal(sig, prev)
 
 
+def _new_temporary(parent: Path, target: Path, *, directory: bool) -> Path:
+    """Create a fresh temporary sibling of ``target``, registered for signal cleanup *before* it exists.
+
+    ``tempfile.mkdtemp`` / ``mkstemp`` return only after the path exists, so a SIGTERM landing between their return
+    and the registration left the temporary behind; here the name is registered first, then created exclusively.
+    """
+    suffix = "" if directory else target.suffix
+    for _ in range(100):
+        tmp = parent / f".{target.name}.stfm-tmp-{secrets.token_hex(6)}{suffix}"
+        with _LOCK:
+            _ACTIVE.add(tmp)
+        try:
+            if directory:
+                os.mkdir(tmp, 0o700)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:  # another writer's temporary: not ours to remove
+            with _LOCK:
+                _ACTIVE.discard(tmp)
+            continue
+        except BaseException:
+            with _LOCK:
+                _ACTIVE.discard(tmp)
+            raise
+        return tmp
+    msg = f"Could not create a temporary beside {str(target)!r}: 100 names were taken. Remove stale `.{target.name}.stfm-tmp-*` entries."
+    raise FileExistsError(msg)
+
+
 def stale_temporaries(target: Path) -> list[Path]:
     """Temporary siblings left behind by an interrupted write of ``target``."""
     prefix = f".{target.name}.stfm-tmp-"
@@ -119,9 +148,7 @@ def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = False) -> It
         shutil.rmtree(stale, ignore_errors=True)
     # the handlers are in place before the temporary exists and until it is gone: no window for a default SIGTERM
     with _signals_cleanup():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.stfm-tmp-", dir=parent))
-        with _LOCK:
-            _ACTIVE.add(tmp)
+        tmp = _new_temporary(parent, target, directory=True)
         try:
             yield tmp
             replace_dir(tmp, target)
@@ -180,11 +207,7 @@ def atomic_file(target: str | os.PathLike[str], *, overwrite: bool = True) -> It
     for stale in stale_temporaries(target):
         _remove(stale)
     with _signals_cleanup():
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.stfm-tmp-", suffix=target.suffix, dir=parent)
-        os.close(fd)
-        tmp = Path(name)
-        with _LOCK:
-            _ACTIVE.add(tmp)
+        tmp = _new_temporary(parent, target, directory=False)
         try:
             yield tmp
             tmp.replace(target)

@@ -207,8 +207,9 @@ def fit_expression(
         Whole sections held out to choose epochs and settings (gradient-trained methods); ``None`` picks one
         (see :meth:`stfm.model.ExpressionModelBase.train`).
     n_models
-        Train this many models with seeds ``seed, seed+1, …`` and average their predictions
-        (:class:`~stfm.model.ExpressionEnsemble`).
+        Train this many models and average their predictions (:class:`~stfm.model.ExpressionEnsemble`). Member
+        ``i`` is trained with seed ``seed * n_models + i``, so ensembles fitted with different ``seed`` share no
+        member (``n_models=1`` trains with ``seed`` itself).
     seed
         Random seed (scvi-tools ``settings.seed``), so a fit is reproducible.
     setup_kwargs, model_kwargs, train_kwargs
@@ -272,7 +273,7 @@ def fit_expression(
                       patient_key=patient_key, spatial_key=spatial_key, **setup_kw)  # fmt: skip
     members = []
     for i in range(int(n_models)):
-        scvi.settings.seed = seed + i
+        scvi.settings.seed = seed * int(n_models) + i  # ensembles fitted with different seeds share no member
         m = cls(train, **model_kw)
         m.train(**train_kw)
         members.append(m)
