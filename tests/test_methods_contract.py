@@ -54,10 +54,13 @@ def test_every_builtin_is_registered():
 @pytest.mark.parametrize("method", METHODS)
 def test_contract(method, cohort, tmp_path):
     spec = stfm.model.get_method(method)
-    model = stfm.tl.fit_expression(
-        _train(cohort), method=method, embedding_key=EMB, n_top_genes=20, seed=0, **_brief(method)
-    )
+    ref = _train(cohort)
+    ref.X = ref.X.astype(np.int32)  # integer counts, as the readers store them (a dtype the models convert)
+    model = stfm.tl.fit_expression(ref, method=method, embedding_key=EMB, n_top_genes=20, seed=0, **_brief(method))
     assert isinstance(model, spec.cls) and model.method == method and model.is_trained_
+    # training reads the registered counts and never rewrites them: converting the panel's CSR (its column indices
+    # unsorted after the gene subset) once sorted the shared index arrays in place, permuting counts within rows
+    np.testing.assert_array_equal(model.adata.X.toarray(), ref[:, model.genes].X.toarray())
     assert len(model.genes) == 20 and model.training_sections_ == ["S0", "S1", "S2"]
     # an H&E-only copy of an unseen section: the table gains the panel, the layer and the provenance
     test = cohort[cohort.obs["section"] == "S3"].copy()

@@ -31,8 +31,11 @@ class CountRows:
         if isinstance(x, CountRows):
             x = x.sparse
         csr = sparse.csr_matrix(x, dtype=np.float32)
-        csr.sum_duplicates()
-        csr.sort_indices()
+        if not csr.has_canonical_format:
+            # sum_duplicates sorts in place, and csr_matrix(x, dtype=…) copies the values but may share x's index
+            # arrays: sorting those reordered the caller's matrix (its columns permuted within rows). Work on a copy.
+            csr = csr.copy()
+            csr.sum_duplicates()
         self.sparse = csr
 
     @property

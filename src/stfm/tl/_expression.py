@@ -85,13 +85,15 @@ def _log1p_stats(adata: AnnData, layer: str | None = None, *, normalize: bool = 
         lib = np.asarray(x.sum(1)).ravel()
         x = sparse.diags(np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)) @ x
     x = x.tocsr()
-    x.data = np.log1p(x.data)
+    # read-only from here: x may share its arrays with the caller's matrix (no in-place eliminate_zeros / log1p)
+    data = np.log1p(x.data)
+    stored = data != 0
+    cols, data = x.indices[stored], data[stored]
     n, g = max(1, x.shape[0]), x.shape[1]
-    x.eliminate_zeros()
-    nnz = np.bincount(x.indices, minlength=g)
-    mean = np.bincount(x.indices, weights=x.data, minlength=g) / n
-    dev = x.data - mean[x.indices]  # two-pass variance over the stored values, the zeros added in closed form
-    var = (np.bincount(x.indices, weights=dev * dev, minlength=g) + (n - nnz) * mean**2) / n
+    nnz = np.bincount(cols, minlength=g)
+    mean = np.bincount(cols, weights=data, minlength=g) / n
+    dev = data - mean[cols]  # two-pass variance over the stored values, the zeros added in closed form
+    var = (np.bincount(cols, weights=dev * dev, minlength=g) + (n - nnz) * mean**2) / n
     return nnz / n, mean, var
 
 
