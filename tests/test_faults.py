@@ -190,7 +190,7 @@ def test_sigterm_right_after_the_temporary_is_created_removes_it(kind, tmp_path,
             pytest.fail("the signal should have stopped the write before it began")
     finally:
         signal.signal(signal.SIGTERM, before)
-    assert fired, "the temporary was not created through os.%s" % name
+    assert fired, f"the temporary was not created through os.{name}"
     assert stale_temporaries(target) == [], "SIGTERM right after the temporary was created left it behind"
     assert not target.exists()
 

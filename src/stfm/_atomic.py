@@ -99,7 +99,7 @@ def _new_temporary(parent: Path, target: Path, *, directory: bool) -> Path:
             _ACTIVE.add(tmp)
         try:
             if directory:
-                os.mkdir(tmp, 0o700)
+                tmp.mkdir(mode=0o700)  # exclusive: FileExistsError if taken
             else:
                 os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:  # another writer's temporary: not ours to remove
