@@ -160,8 +160,8 @@ def test_sigterm_inside_the_swap_keeps_exactly_one_complete_version(moment, tmp_
 
 @pytest.mark.parametrize("kind", ["dir", "file"])
 def test_sigterm_right_after_the_temporary_is_created_removes_it(kind, tmp_path, monkeypatch):
-    """The random kills above once landed between the temporary's creation and its registration for cleanup
-    (``tempfile.mkdtemp`` had returned, the handler did not know the folder yet): put SIGTERM exactly there."""
+    """SIGTERM the moment the temporary exists removes it. The random kills above once landed between
+    ``tempfile.mkdtemp``'s return and the temporary's registration for cleanup, and left it behind."""
     from stfm import _atomic
 
     class Stopped(Exception):
