@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -80,8 +81,6 @@ def test_count_rows_and_gene_statistics_never_modify_their_input():
     f = sparse.csr_matrix(before.astype(np.float64))
     f.data[::5] = 0.0
     kept = (f.data.copy(), f.indices.copy(), f.indptr.copy())
-    import anndata as ad
-
     frac, mean, var = _log1p_stats(ad.AnnData(f))
     for a, b in zip((f.data, f.indices, f.indptr), kept, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -102,13 +102,11 @@ def _new_temporary(parent: Path, target: Path, *, directory: bool) -> Path:
                 tmp.mkdir(mode=0o700)  # exclusive: FileExistsError if taken
             else:
                 os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        except FileExistsError:  # another writer's temporary: not ours to remove
+        except BaseException as err:
             with _LOCK:
                 _ACTIVE.discard(tmp)
-            continue
-        except BaseException:
-            with _LOCK:
-                _ACTIVE.discard(tmp)
+            if isinstance(err, FileExistsError):  # another writer's temporary: not ours to remove, try another name
+                continue
             raise
         return tmp
     msg = f"Could not create a temporary beside {str(target)!r}: 100 names were taken. Remove stale `.{target.name}.stfm-tmp-*` entries."
