@@ -67,14 +67,14 @@ def baseline(ref: dict, test, seed: int) -> np.ndarray:
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
 
+    from stfm._rows import log_normalise
     from stfm.model._cancer import label_to_target
-    from stfm.tl._cancer_common import _log_normalise
 
     genes = test.var_names
     for a in ref.values():
         genes = genes.intersection(a.var_names)
     genes = genes[~genes.duplicated()]
-    xr = np.vstack([_log_normalise(a[:, genes].X) for a in ref.values()])
+    xr = np.vstack([log_normalise(a[:, genes].X, dtype=np.float32) for a in ref.values()])
     cols = np.argsort(-xr.var(0), kind="stable")[:2000]
     mean = xr[:, cols].mean(0)
     pca = PCA(16, random_state=seed).fit(xr[:, cols] - mean)
@@ -83,7 +83,7 @@ def baseline(ref: dict, test, seed: int) -> np.ndarray:
     lr = LogisticRegression(class_weight="balanced", max_iter=5000).fit(
         pca.transform(xr[:, cols] - mean)[keep], y[keep]
     )
-    zt = pca.transform(_log_normalise(test[:, genes].X)[:, cols] - mean)
+    zt = pca.transform(log_normalise(test[:, genes].X, dtype=np.float32)[:, cols] - mean)
     return lr.predict_proba(zt)[:, 1]
 
 

@@ -62,6 +62,31 @@ def test_count_rows_csr_rows_and_weighted_sums_equal_the_dense_matrix():
     assert comp.nnz == np.count_nonzero(x) and np.array_equal(lib, np.maximum(x.sum(1), 1))
 
 
+def test_log_normalise_is_one_formula_dense_and_sparse():
+    """stfm's one NumPy log-normalisation: dense and sparse agree, empty rows stay 0, duplicate CSR entries are
+    summed before the log, the input is untouched, and ``check`` refuses what is not counts."""
+    from stfm._rows import log_normalise
+
+    rng = np.random.default_rng(3)
+    x = rng.poisson(2.0, (30, 9)).astype(np.float64)
+    x[4] = 0
+    want = np.log1p(x / np.where(x.sum(1, keepdims=True) > 0, x.sum(1, keepdims=True), 1) * 1e4)
+    np.testing.assert_allclose(log_normalise(x), want, rtol=1e-12)
+    sp = log_normalise(sparse.csr_matrix(x), sparse_output=True, dtype=np.float32)
+    assert sparse.issparse(sp) and sp.dtype == np.float32 and sp.nnz == np.count_nonzero(x)
+    np.testing.assert_allclose(sp.toarray(), want, rtol=1e-6)
+    assert np.all(log_normalise(x)[4] == 0)
+    # a CSR with a duplicate entry: (0, 1) holds 2 + 3; the log is of the sum, not a sum of logs
+    dup = sparse.csr_matrix((np.array([2.0, 3.0, 5.0]), np.array([1, 1, 0]), np.array([0, 3])), shape=(1, 2))
+    before = dup.data.copy()
+    np.testing.assert_allclose(log_normalise(dup, sparse_output=True).toarray(), np.log1p([[5e3, 5e3]]), rtol=1e-12)
+    np.testing.assert_array_equal(dup.data, before)
+    with pytest.raises(ValueError, match="non-negative finite"):
+        log_normalise(-x, check=True)
+    with pytest.raises(ValueError, match="non-negative finite"):
+        log_normalise(sparse.csr_matrix(np.where(x > 2, np.nan, x)), sparse_output=True, check=True)
+
+
 def test_count_rows_and_gene_statistics_never_modify_their_input():
     """A gene subset leaves a CSR's column indices unsorted; ``csr_matrix(x, dtype=float32)`` copies an int32 matrix's
     values but shares its indices, so sorting in place permuted the caller's counts within rows (multimodal trained

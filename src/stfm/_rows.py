@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-__all__ = ["BLOCK_ROWS", "ColumnPearson", "CountRows", "RowRef", "as_count_rows", "csr_rows_torch", "log_composition_csr", "materialize"]
+__all__ = [
+    "BLOCK_ROWS", "ColumnPearson", "CountRows", "RowRef", "as_count_rows", "csr_rows_torch", "log_composition_csr",
+    "log_normalise", "materialize",
+]  # fmt: skip
 
 #: rows densified at once when a whole matrix is streamed (4,096 × 5,000 genes × 8 bytes = 164 MB in float64)
 BLOCK_ROWS = 4096
@@ -61,14 +64,41 @@ def as_count_rows(x: Any) -> CountRows:
     return x if isinstance(x, CountRows) else CountRows(x)
 
 
+def log_normalise(
+    x: Any, *, target_sum: float = 1e4, sparse_output: bool = False, dtype: Any = np.float64, check: bool = False
+) -> Any:
+    """``log1p(x / row sum × target_sum)`` of every row: the one log-normalisation of stfm's NumPy code.
+
+    Rows that sum to 0 stay 0. ``x`` dense or sparse (never modified); ``sparse_output=True`` returns a CSR matrix
+    with the zeros of ``x`` (``log1p(0) = 0``), otherwise a dense array. Computed in float64, returned as ``dtype``.
+    ``check=True`` refuses negative or non-finite values (counts, or predicted expression on the count scale).
+    """
+    if sparse_output:
+        csr = sparse.csr_matrix(x, dtype=np.float64, copy=True)
+        csr.sum_duplicates()  # log1p of duplicate entries one by one would not be the log of their sum
+        values = csr.data
+    else:
+        dense = np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
+        values = dense
+    if check and values.size and (not np.isfinite(values).all() or values.min() < 0):
+        msg = "Expected non-negative finite counts (or predicted expression on the count scale), found negative or non-finite values."
+        raise ValueError(msg)
+    if sparse_output:
+        lib = np.asarray(csr.sum(1)).ravel()
+        lib[lib == 0] = 1.0
+        data = np.log1p(csr.data / np.repeat(lib, np.diff(csr.indptr)) * target_sum).astype(dtype)
+        return sparse.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape)
+    lib = dense.sum(1, keepdims=True)
+    lib[lib == 0] = 1.0
+    return np.log1p(dense / lib * target_sum).astype(dtype, copy=False)
+
+
 def log_composition_csr(x: Any) -> tuple[sparse.csr_matrix, np.ndarray]:
-    """``(log1p counts per 10k, library size)`` of every row; the composition keeps the sparsity of the counts."""
+    """``(log1p counts per 10k, library size)`` of every row (:func:`log_normalise`, float32, sparse); the library
+    size is floored at 1."""
     csr = as_count_rows(x).sparse
     lib = np.maximum(np.asarray(csr.sum(1, dtype=np.float64)).ravel(), 1.0)
-    per_row = np.repeat(lib, np.diff(csr.indptr))
-    comp = sparse.csr_matrix((np.log1p(csr.data / per_row * 1e4).astype(np.float32), csr.indices.copy(), csr.indptr.copy()),
-                             shape=csr.shape)  # fmt: skip
-    return comp, lib
+    return log_normalise(csr, sparse_output=True, dtype=np.float32), lib
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
-from scipy import sparse
+
+from .._rows import log_normalise
 
 __all__ = ["ExpressionEmbedder"]
 
@@ -24,37 +25,12 @@ MIN_GENE_FRACTION = 0.8
 _BLOCK = 8192
 
 
-def _rows_log(x: Any) -> np.ndarray:
-    """log1p(counts per 10,000) over the given columns (the embedder's genes), dense float64."""
-    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    x = np.asarray(x, dtype=np.float64)
-    if x.size and (not np.isfinite(x).all() or x.min() < 0):
-        msg = "Expected non-negative finite counts (or predicted expression on the count scale), found negative or non-finite values."
-        raise ValueError(msg)
-    lib = x.sum(1, keepdims=True)
-    lib[lib == 0] = 1.0
-    return np.log1p(x / lib * 1e4)
-
-
 def _columns(var_names: Sequence[str], genes: Sequence[str]) -> np.ndarray:
     """Column of each of ``genes`` in ``var_names`` (first occurrence; -1 where absent)."""
     first: dict[str, int] = {}
     for i, g in enumerate(map(str, var_names)):
         first.setdefault(g, i)
     return np.asarray([first.get(str(g), -1) for g in genes], dtype=np.int64)
-
-
-def _log_sparse(x: Any) -> sparse.csr_matrix:
-    """``_rows_log`` as a sparse matrix (log1p keeps the zeros), for gene statistics over wide panels."""
-    x = sparse.csr_matrix(x, dtype=np.float64)
-    if x.nnz and (not np.isfinite(x.data).all() or x.data.min() < 0):
-        msg = "Expected non-negative finite counts, found negative or non-finite values."
-        raise ValueError(msg)
-    lib = np.asarray(x.sum(1)).ravel()
-    lib[lib == 0] = 1.0
-    x = sparse.diags(1e4 / lib) @ x
-    x.data = np.log1p(x.data)
-    return x.tocsr()
 
 
 @dataclass
@@ -110,7 +86,7 @@ class ExpressionEmbedder:
         # gene variances of the log-normalised values, accumulated per section without densifying the panel
         n, s1, s2 = 0, np.zeros(len(shared)), np.zeros(len(shared))
         for t in sections:
-            lg = _log_sparse(t.X[:, _columns(t.var_names, shared)])
+            lg = log_normalise(t.X[:, _columns(t.var_names, shared)], sparse_output=True, check=True)
             n += lg.shape[0]
             s1 += np.asarray(lg.sum(0)).ravel()
             s2 += np.asarray(lg.multiply(lg).sum(0)).ravel()
@@ -119,7 +95,7 @@ class ExpressionEmbedder:
         order = np.sort(order)
         chosen = [str(g) for g in shared[order]]
         # the HVG rows are re-normalised over the chosen genes (the embedder's own library size)
-        x = np.vstack([_rows_log(t.X[:, _columns(t.var_names, chosen)]) for t in sections])
+        x = np.vstack([log_normalise(t.X[:, _columns(t.var_names, chosen)], check=True) for t in sections])
         mean, scale = x.mean(0), x.std(0) + 1e-6
         n_pc = int(min(n_comps, len(chosen), x.shape[0] - 1))
         if n_pc < 1:
@@ -170,7 +146,7 @@ class ExpressionEmbedder:
         for start in range(0, adata.n_obs, _BLOCK):  # blocks of rows: memory O(block × genes)
             rows = slice(start, min(start + _BLOCK, adata.n_obs))
             logs = np.empty((rows.stop - rows.start, len(self.genes)))
-            logs[:, have] = _rows_log(x[rows][:, idx[have]])
+            logs[:, have] = log_normalise(x[rows][:, idx[have]], check=True)
             logs[:, ~have] = self.mean[~have]
             z[rows] = ((logs - self.mean) / self.scale) @ self.components.T
         if self.standardize == "section":

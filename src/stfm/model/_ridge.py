@@ -13,7 +13,7 @@ from scipy import sparse
 
 from .. import _rows
 from .._constants import EXPR_KEYS
-from .._rows import ColumnPearson, as_count_rows
+from .._rows import ColumnPearson, as_count_rows, log_normalise
 from .._validation import assert_one_of, check_positive
 from ..module._ridge import RidgeModule
 from ._base import ExpressionModelBase
@@ -170,8 +170,7 @@ class RidgeProbe(ExpressionModelBase):
             csr.data = np.log1p(csr.data)
             return {"log1p": csr}
         lib = np.asarray(csr.sum(1)).ravel()
-        csr.data = np.log1p(csr.data * 1e4 / np.repeat(np.maximum(lib, 1e-300), np.diff(csr.indptr)))
-        return {"composition": csr, "library": np.log(np.maximum(lib, 1.0))[:, None]}
+        return {"composition": log_normalise(csr, sparse_output=True), "library": np.log(np.maximum(lib, 1.0))[:, None]}
 
     def train(
         self,

@@ -29,12 +29,28 @@ __all__ = [
     "CrossAttentionBlock",
     "Standardize",
     "ZINBHead",
+    "composition_loss",
     "edge_attention",
     "info_nce",
     "init_log_temperature",
+    "log_composition",
     "segment_softmax",
     "zinb_variance",
 ]
+
+
+def log_composition(x: torch.Tensor, lib: torch.Tensor | None = None) -> torch.Tensor:
+    """``log1p`` counts per 10k over the panel (``lib``: the rows' totals, summed from ``x`` when not given; floored
+    at 1); the torch twin of :func:`stfm._rows.log_normalise`."""
+    if lib is None:
+        lib = x.sum(-1, keepdim=True)
+    return torch.log1p(x / lib.clamp(min=1.0) * 1e4)
+
+
+def composition_loss(scale: torch.Tensor, x: torch.Tensor, lib: torch.Tensor | None = None) -> torch.Tensor:
+    """The composition term of the expression models: squared error, summed over genes, between
+    ``log1p(10⁴ · scale)`` (the predicted composition) and the observed :func:`log_composition` of counts ``x``."""
+    return (torch.log1p(scale * 1e4) - log_composition(x, lib)).pow(2).sum(-1)
 
 
 class _Cache(dict):

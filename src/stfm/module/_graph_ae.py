@@ -18,7 +18,7 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from ._base import ExpressionModuleBase
-from ._components import MLP, Standardize, ZINBHead, zinb_variance
+from ._components import MLP, Standardize, ZINBHead, composition_loss, log_composition, zinb_variance
 
 __all__ = ["GraphAEModule"]
 
@@ -92,8 +92,7 @@ class GraphAEModule(ExpressionModuleBase):
     # -- pieces ----------------------------------------------------------------------------------------------
     def autoencode(self, counts: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latent, reconstruction, standardised input) of the stage-1 autoencoder."""
-        lib = counts.sum(-1, keepdim=True).clamp(min=1.0)
-        x = self.comp_standardize(torch.log1p(counts / lib * 1e4))
+        x = self.comp_standardize(log_composition(counts))
         z = self.enc2(F.elu(self.enc1(x, edge_index)), edge_index)
         rec = self.dec2(F.elu(self.dec1(z, edge_index)), edge_index)
         return z, rec, x
@@ -145,8 +144,7 @@ class GraphAEModule(ExpressionModuleBase):
         per = nll + lib_loss
         extra = {"library_loss": lib_loss.mean().detach()}
         if self.composition_weight > 0:
-            obs = torch.log1p(x / lib.clamp(min=1.0) * 1e4)
-            comp = (torch.log1p(generative_outputs["scale"][core] * 1e4) - obs).pow(2).sum(-1)
+            comp = composition_loss(generative_outputs["scale"][core], x, lib)
             per = per + self.composition_weight * comp
         total = per.mean()
         if self.align_weight > 0 and "latent" in tensors:

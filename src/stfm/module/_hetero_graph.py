@@ -27,7 +27,16 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from ._base import ExpressionModuleBase
-from ._components import ReferenceBank, Standardize, ZINBHead, edge_attention, info_nce, zinb_variance
+from ._components import (
+    ReferenceBank,
+    Standardize,
+    ZINBHead,
+    composition_loss,
+    edge_attention,
+    info_nce,
+    log_composition,
+    zinb_variance,
+)  # fmt: skip
 
 __all__ = ["BiAttention", "HeteroGraphModule"]
 
@@ -222,12 +231,11 @@ class HeteroGraphModule(ReferenceBank, ExpressionModuleBase):
             lib_loss = 0.5 * (generative_outputs["log_library_pred"][core] - log_lib).pow(2).squeeze(-1)
             per = rec + lib_loss
             if self.composition_weight > 0:
-                obs = torch.log1p(x / lib.clamp(min=1.0) * 1e4)
-                comp = (torch.log1p(generative_outputs["scale"][core] * 1e4) - obs).pow(2).sum(-1)
+                comp = composition_loss(generative_outputs["scale"][core], x, lib)
                 per = per + self.composition_weight * comp
                 extra["composition_loss"] = comp.mean().detach()
         else:
-            obs = torch.log1p(x / lib.clamp(min=1.0) * 1e4)
+            obs = log_composition(x, lib)
             pred = generative_outputs["logcomp"][core]
             mse = (pred - obs).pow(2).mean(-1)
             pc, oc = pred - pred.mean(0), obs - obs.mean(0)

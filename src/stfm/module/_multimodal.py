@@ -21,7 +21,17 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from ._base import ExpressionModuleBase
-from ._components import MLP, ReferenceBank, Standardize, ZINBHead, edge_attention, info_nce, zinb_variance
+from ._components import (
+    MLP,
+    ReferenceBank,
+    Standardize,
+    ZINBHead,
+    composition_loss,
+    edge_attention,
+    info_nce,
+    log_composition,
+    zinb_variance,
+)  # fmt: skip
 
 __all__ = ["MultimodalModule"]
 
@@ -158,8 +168,7 @@ class MultimodalModule(ReferenceBank, ExpressionModuleBase):
         """Stage 1: the three embeddings (the gene encoder on the spot's own expression, training only);
         stage 2: the fused representation (the gene encoder on the retrieved expression)."""
         if self.stage == "pretrain":
-            lib = graph["counts"].sum(-1, keepdim=True).clamp(min=1.0)
-            return self.encode(graph, torch.log1p(graph["counts"] / lib * 1e4))
+            return self.encode(graph, log_composition(graph["counts"]))
         z = self.encode(graph, graph["retrieved"])
         return {"h": self.fuse(graph, z)}
 
@@ -184,8 +193,7 @@ class MultimodalModule(ReferenceBank, ExpressionModuleBase):
         lib_loss = 0.5 * (generative_outputs["log_library_pred"][core] - torch.log(lib.clamp(min=1.0))).pow(2).squeeze(-1)
         per = nll + lib_loss
         if self.composition_weight > 0:
-            obs = torch.log1p(x / lib.clamp(min=1.0) * 1e4)
-            per = per + self.composition_weight * (torch.log1p(generative_outputs["scale"][core] * 1e4) - obs).pow(2).sum(-1)
+            per = per + self.composition_weight * composition_loss(generative_outputs["scale"][core], x, lib)
         return LossOutput(loss=per.mean(), reconstruction_loss=nll, extra_metrics={"library_loss": lib_loss.mean().detach()},
                           n_obs_minibatch=int(core.sum()))  # fmt: skip
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._constants import EXPR_KEYS
 from ._base import ExpressionModuleBase
-from ._components import MLP, ReferenceBank, Standardize, info_nce
+from ._components import MLP, ReferenceBank, Standardize, info_nce, log_composition
 
 __all__ = ["RETRIEVAL_KEYS", "RetrievalModule"]
 
@@ -30,12 +30,6 @@ def fourier_features(pos: torch.Tensor, n_frequencies: int) -> torch.Tensor:
     freqs = (2.0 ** torch.arange(n_frequencies, device=pos.device, dtype=torch.float32)) * (math.pi / 64.0)
     ang = pos.float().unsqueeze(-1) * freqs
     return torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(1)
-
-
-def log_composition(x: torch.Tensor) -> torch.Tensor:
-    """``log1p`` counts per 10k over the panel."""
-    lib = x.sum(-1, keepdim=True).clamp(min=1.0)
-    return torch.log1p(x / lib * 1e4)
 
 
 class RetrievalModule(ReferenceBank, ExpressionModuleBase):

@@ -7,6 +7,7 @@ from scvi.module.base import LossOutput
 
 from .._constants import EXPR_KEYS
 from ._base import ExpressionModuleBase
+from ._components import log_composition
 
 __all__ = ["RidgeModule"]
 
@@ -72,8 +73,7 @@ class RidgeModule(ExpressionModuleBase):
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
         """Squared error of the head on its target (for reporting only: the probe is fitted in closed form)."""
         x = tensors[EXPR_KEYS.X_KEY]
-        lib = x.sum(-1, keepdim=True).clamp(min=1.0)
-        target = torch.log1p(x) if self.target == "log1p" else torch.log1p(x / lib * 1e4)
+        target = torch.log1p(x) if self.target == "log1p" else log_composition(x)
         err = (generative_outputs["y"] - target).pow(2).sum(-1)
         return LossOutput(loss=err.mean(), reconstruction_loss=err, n_obs_minibatch=x.shape[0])
 

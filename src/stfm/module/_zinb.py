@@ -8,7 +8,7 @@ from scvi.module.base import LossOutput, auto_move_data
 
 from .._constants import EXPR_KEYS
 from ._base import ExpressionModuleBase
-from ._components import MLP, Standardize, ZINBHead, zinb_variance
+from ._components import MLP, Standardize, ZINBHead, composition_loss, zinb_variance
 
 __all__ = ["ExpressionModule"]
 
@@ -110,8 +110,7 @@ class ExpressionModule(ExpressionModuleBase):
         total = nll + self.library_loss_weight * lib_loss
         extra = {"library_loss": lib_loss.mean()}
         if self.composition_weight > 0:
-            observed = torch.log1p(x / lib.clamp(min=1.0) * 1e4)
-            comp = (torch.log1p(generative_outputs["scale"] * 1e4) - observed).pow(2).sum(-1)
+            comp = composition_loss(generative_outputs["scale"], x, lib)
             total = total + self.composition_weight * comp
             extra["composition_loss"] = comp.mean()
         return LossOutput(loss=total.mean(), reconstruction_loss=nll, extra_metrics=extra, n_obs_minibatch=x.shape[0])

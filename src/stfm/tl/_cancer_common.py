@@ -1,4 +1,4 @@
-"""Shared pieces of the cancer-region tools: label handling, section splitting, log-normalisation."""
+"""Shared pieces of the cancer-region tools: label handling, section splitting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 
 from .._constants import CANCER_MARKERS, REGION_CATEGORIES, REGION_COLORS
 from .._containers import is_spatialdata
@@ -38,15 +37,6 @@ def _split_sections(adata: AnnData, section_key: str) -> list[tuple[str, np.ndar
         return [(s, np.flatnonzero(col == s)) for s in pd.unique(col)]
     lib = next(iter(adata.uns.get("spatial", {})), "section")
     return [(str(lib), np.arange(adata.n_obs))]
-
-
-def _log_normalise(x: Any, target_sum: float = 1e4) -> np.ndarray:
-    """log1p(counts / row sum × ``target_sum``) as a dense float32 array (rows with no counts stay zero)."""
-    x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    x = x.astype(np.float64)
-    lib = x.sum(1, keepdims=True)
-    lib[lib == 0] = 1.0
-    return np.log1p(x / lib * target_sum).astype(np.float32)
 
 
 def _check_labels(

@@ -15,6 +15,7 @@ from scipy import sparse
 from .._containers import get_table, is_spatialdata, prepare_output
 from .._logging import added
 from .._provenance import record
+from .._rows import log_normalise
 from .._validation import assert_key_in, check_copy_inplace, check_positive, check_spatial, check_valid_key
 from ..graph._geometry import spot_pitch
 from ..graph._regions import call_regions, tumour_shapes
@@ -25,7 +26,6 @@ from ._cancer_common import (
     REGION_CATEGORIES,
     REGION_COLORS,
     _check_labels,
-    _log_normalise,
     _provenance_kind,
     _split_sections,
 )
@@ -45,7 +45,7 @@ def _signature_scores(adata: AnnData, genes: Sequence[str], layer: str | None, s
     if len(present) < 2:
         msg = f"Only {len(present)} of the signature genes {list(genes)} are in `var_names`; pass `gene_list=` with genes the data has."
         raise ValueError(msg)
-    logged = _log_normalise(adata.layers[layer] if layer is not None else adata.X)
+    logged = log_normalise(adata.layers[layer] if layer is not None else adata.X, dtype=np.float32)
     tmp = AnnData(sparse.csr_matrix(logged), obs=pd.DataFrame(index=adata.obs_names.astype(str)))
     tmp.var_names = adata.var_names.astype(str)
     tmp = tmp[:, ~tmp.var_names.duplicated()].copy()

@@ -14,8 +14,9 @@ from scipy import sparse
 from .._containers import get_table
 from .._logging import added, logger
 from .._provenance import record
+from .._rows import log_normalise
 from .._validation import assert_key_in, check_valid_key
-from ._cancer_common import _as_list, _log_normalise, _split_sections
+from ._cancer_common import _as_list, _split_sections
 
 __all__ = ["expression_embedding"]
 
@@ -182,13 +183,13 @@ def expression_embedding(
     else:
         from sklearn.decomposition import PCA
 
-        ref_x = np.vstack([_log_normalise(matrix(t, i)) for t, _, i in ref_parts])
+        ref_x = np.vstack([log_normalise(matrix(t, i), dtype=np.float32) for t, _, i in ref_parts])
         disp = ref_x.var(0)
         cols = np.argsort(-disp, kind="stable")[:n_top]
         mean, std = ref_x[:, cols].mean(0), ref_x[:, cols].std(0) + 1e-6
         n_pc = int(min(n_comps, len(cols), ref_x.shape[0]))
         pca = PCA(n_components=n_pc, random_state=seed, svd_solver="full").fit((ref_x[:, cols] - mean) / std)
-        z = np.vstack([pca.transform((_log_normalise(matrix(t, i))[:, cols] - mean) / std) for t, _, i in parts]).astype(np.float32)
+        z = np.vstack([pca.transform((log_normalise(matrix(t, i), dtype=np.float32)[:, cols] - mean) / std) for t, _, i in parts]).astype(np.float32)
         genes_used = list(genes[cols])
     start = 0
     out = {t_i: np.zeros((tables[t_i].n_obs, z.shape[1]), np.float32) for t_i in range(len(tables))}
