@@ -5,6 +5,7 @@ Run from the repository root (needs the her2st mirror, ``STFM_DATA_DIR``)::
     python benchmarks/bench_expression.py            # full protocol: results JSON + docs/benchmarks/expression.md
     python benchmarks/bench_expression.py --quick    # smoke run: few epochs, one seed, no leaky block
     python benchmarks/bench_expression.py --render   # rewrite the page from benchmarks/results/expression.json
+    python benchmarks/bench_expression.py --add-variants  # only the variants not yet scored on C6; retest changed picks
 
 Protocol (the card printed on the page says the same)
 -----------------------------------------------------
@@ -15,6 +16,8 @@ Protocol (the card printed on the page says the same)
   method settings (smoothing, retrieval k, ridge penalties) on validation sections of the training patients.
 * Selection stage, inside patient C only: each method's variants are trained on C2–C5 and scored on C6 by the mean
   of the raw and composition Pearson; the best variant goes on to the test folds. B4 is not looked at.
+  ``--add-variants`` scores only the variants that have no selection row yet (the runs are seeded, so the earlier
+  rows stand), picks the best over old and new rows, and reruns the test folds only for a method whose pick changed.
 * Test folds: C2–C6 → B4 (gradient-trained methods: 3 seeds, mean ± sd) and B4 → C2–C6 (one training section:
   no validation section, so no early stopping or smoothing; ridge falls back to HEST's alpha).
   Leave-one-section-out within patient C is reported separately and labelled **leaky**.
@@ -53,11 +56,16 @@ SEEDS = (0, 1, 2)
 #: term, dropout 0.2; retrieval: tau0 0.5, with position; hetero_graph: ZINB, 256 hidden; graph_ae: alignment weight 1;
 #: multimodal: dropout 0.6, retrieval on the embedding; graph_ae's two variants tie on C6 to three decimals). Every
 #: gradient-trained method is also offered a 3-model ensemble of its best single-model variant (``n_models=3``; the
-#: library trains one model unless asked).
+#: library trains one model unless asked). The last variant of every method is its chosen variant with the embedding
+#: standardised within each section (``embedding_standardize='section'``), added by ``--add-variants`` after B4's
+#: image features were seen to sit far from patient C's (label-free: ``feature_shift`` on the page). C6 chose it for
+#: ridge alone; the library default stays ``embedding_standardize='none'`` (one setting shared by every method).
 VARIANTS = {
     "ridge": {
         "composition + depth heads": {"target": "composition"},
         "log1p head": {"target": "log1p"},
+        "composition + depth heads, section-standardised embedding": {"target": "composition",
+                                                                       "embedding_standardize": "section"},
     },
     "zinb": {
         "ZINB + composition term, dropout 0.5": {"composition_weight": 1.0, "dropout_rate": 0.5, "input_dropout": 0.5},
@@ -66,23 +74,32 @@ VARIANTS = {
         "ZINB only, dropout 0.2 (stfm 0.1.0)": {"composition_weight": 0.0, "dropout_rate": 0.2, "input_dropout": 0.1},
         "ZINB + composition term, dropout 0.2, 3-model ensemble": {"composition_weight": 1.0, "dropout_rate": 0.2,
                                                                    "input_dropout": 0.1, "n_models": 3},
+        "ZINB + composition term, dropout 0.2, 3-model ensemble, section-standardised embedding": {
+            "composition_weight": 1.0, "dropout_rate": 0.2, "input_dropout": 0.1, "n_models": 3,
+            "embedding_standardize": "section"},
     },
     "retrieval": {
         "tau0 0.07, with position": {"temperature": 0.07, "use_position": True},
         "tau0 0.5, with position": {"temperature": 0.5, "use_position": True},
         "tau0 0.07, no position": {"temperature": 0.07, "use_position": False},
         "tau0 0.5, with position, 3-model ensemble": {"temperature": 0.5, "use_position": True, "n_models": 3},
+        "tau0 0.5, with position, 3-model ensemble, section-standardised embedding": {
+            "temperature": 0.5, "use_position": True, "n_models": 3, "embedding_standardize": "section"},
     },
     "hetero_graph": {
         "ZINB, 256 hidden": {"loss": "zinb", "n_hidden": 256},
         "ZINB, 128 hidden": {"loss": "zinb", "n_hidden": 128},
         "SpaHGC's MSE + PCC, 256 hidden": {"loss": "mse_pcc", "n_hidden": 256},
         "ZINB, 256 hidden, 3-model ensemble": {"loss": "zinb", "n_hidden": 256, "n_models": 3},
+        "ZINB, 256 hidden, 3-model ensemble, section-standardised embedding": {
+            "loss": "zinb", "n_hidden": 256, "n_models": 3, "embedding_standardize": "section"},
     },
     "graph_ae": {
         "alignment weight 1": {"align_weight": 1.0},
         "no alignment term": {"align_weight": 0.0},
         "no alignment term, 3-model ensemble": {"align_weight": 0.0, "n_models": 3},
+        "no alignment term, 3-model ensemble, section-standardised embedding": {
+            "align_weight": 0.0, "n_models": 3, "embedding_standardize": "section"},
     },
     "multimodal": {
         "dropout 0.6, retrieval in the aligned space": {"dropout_rate": 0.6, "retrieval": "aligned"},
@@ -90,6 +107,8 @@ VARIANTS = {
         "dropout 0.6, retrieval on the embedding": {"dropout_rate": 0.6, "retrieval": "embedding"},
         "dropout 0.6, retrieval on the embedding, 3-model ensemble": {"dropout_rate": 0.6, "retrieval": "embedding",
                                                                       "n_models": 3},
+        "dropout 0.6, retrieval on the embedding, 3-model ensemble, section-standardised embedding": {
+            "dropout_rate": 0.6, "retrieval": "embedding", "n_models": 3, "embedding_standardize": "section"},
     },
 }
 #: the published systems' own code on the same features and split, measured by the project outside this script
@@ -168,6 +187,19 @@ def run(sections, method, variant, kwargs, train, test, *, split="patient", seed
     return rows
 
 
+def feature_shift(sections) -> list[dict]:
+    """Label-free: how far each section's mean embedding sits from patient C's, and its spread, in units of the
+    per-dimension standard deviation over C2–C6 (image features only; no expression or label is read)."""
+    emb = {s: np.asarray(a.obsm[EMB], dtype=np.float64) for s, a in sections.items()}
+    pooled = np.vstack([emb[s] for s in C])
+    mu, sd = pooled.mean(0), pooled.std(0) + 1e-6
+    out = []
+    for s in SECTIONS:
+        z = (emb[s] - mu) / sd
+        out.append({"section": s, "mean_shift": float(np.sqrt(np.mean(z.mean(0) ** 2))), "spread": float(z.std(0).mean())})
+    return out
+
+
 def depth_oracle(sections, train, test) -> dict:
     """Not a method: the training mean composition times each test spot's *measured* panel depth."""
     import stfm
@@ -195,7 +227,13 @@ def main() -> None:
     p.add_argument(
         "--methods", nargs="+", help="rerun only these methods; the other methods' rows are kept from --results"
     )
+    p.add_argument(
+        "--add-variants", action="store_true",
+        help="score on C6 only the variants with no selection row in --results; retest methods whose pick changed",
+    )
     args = p.parse_args()
+    if args.add_variants and (args.methods or args.quick):
+        p.error("--add-variants runs alone: it keeps every earlier row and adds to them")
     if args.render:
         render(json.loads(Path(args.results).read_text()), Path(args.out))
         return
@@ -231,57 +269,83 @@ def main() -> None:
     def epochs(method):
         return quick if "early_stopping" in stfm.model.get_method(method).supports else {}
 
-    # 1. selection inside patient C: train C2–C5, score C6 (B4 untouched)
-    chosen = {}
-    print("selection: train C2–C5, score C6", flush=True)
-    for method in methods:
-        variants = VARIANTS.get(method, {"default": {}})
-        if args.quick:
-            variants = dict(list(variants.items())[:1])
+    def score(r: dict) -> float:
+        return 0.5 * (r["raw"] + r["composition"])
+
+    def select(method: str, variants: dict) -> list[dict]:
+        """Selection inside patient C: train C2–C5, score C6 (B4 untouched)."""
         sel = []
         for label, kw in variants.items():
-            sel += run(
-                sections,
-                method,
-                label,
-                {**kw, **epochs(method)},
-                ["C2", "C3", "C4", "C5"],
-                ["C6"],
-                split="section",
-                stage="selection",
-            )
-        rows += sel
-        best = max(sel, key=lambda r: 0.5 * (r["raw"] + r["composition"]))
-        chosen[method] = best["variant"]
-        print(f"  selected for {method}: {best['variant']}", flush=True)
+            sel += run(sections, method, label, {**kw, **epochs(method)}, ["C2", "C3", "C4", "C5"], ["C6"],
+                       split="section", stage="selection")  # fmt: skip
+        return sel
 
-    # 2. test folds
-    print("patient splits", flush=True)
-    rows += run(sections, "ridge", "HEST probe (fixed alpha, log1p head, no smoothing)",
-                {"target": "log1p", "alpha": "hest", "smoothing": 0}, C, ["B4"])  # fmt: skip
-    for method in methods:
-        kw = {**VARIANTS.get(method, {}).get(chosen[method], {}), **epochs(method)}
+    def test_folds(method: str, variant: str, *, leaky: bool) -> list[dict]:
+        """C2–C6 → B4 (seeds), B4 → C2–C6, and (``leaky``) leave-one-section-out within patient C."""
+        kw = {**VARIANTS.get(method, {}).get(variant, {}), **epochs(method)}
         gradient = "early_stopping" in stfm.model.get_method(method).supports
+        out = []
         for seed in seeds if gradient else SEEDS[:1]:
-            rows += run(sections, method, chosen[method], kw, C, ["B4"], seed=seed)
+            out += run(sections, method, variant, kw, C, ["B4"], seed=seed)
         try:
-            rows += run(sections, method, chosen[method], kw, ["B4"], C)
+            out += run(sections, method, variant, kw, ["B4"], C)
         except ValueError as err:  # methods that link or retrieve across sections cannot train on B4 alone
             if "at least two" not in str(err):
                 raise
             print(f"  {method}: B4 → C skipped ({err})", flush=True)
-    rows.append(depth_oracle(sections, C, "B4"))
-
-    # 3. leaky leave-one-section-out within patient C
-    if not args.quick:
-        print("leaky: leave-one-section-out within patient C", flush=True)
-        for method in methods:
-            kw = {**VARIANTS.get(method, {}).get(chosen[method], {}), **epochs(method)}
+        if leaky:
             for t in C:
-                rows += run(
-                    sections, method, chosen[method], kw, [s for s in C if s != t], [t], split="section", stage="leaky"
-                )
-    if args.methods:  # the other methods' rows from the earlier run, in registry order
+                out += run(sections, method, variant, kw, [s for s in C if s != t], [t], split="section", stage="leaky")
+        return out
+
+    shift = feature_shift(sections)
+    if args.add_variants:
+        previous = json.loads(Path(args.results).read_text())
+        rows, chosen = list(previous["rows"]), dict(previous["selected"])
+        scored = {(r["method"], r["variant"]) for r in rows if r["stage"] == "selection"}
+        added, retest = {}, []
+        print("selection of the variants not scored yet: train C2–C5, score C6", flush=True)
+        for method in methods:
+            new = {lab: kw for lab, kw in VARIANTS.get(method, {}).items() if (method, lab) not in scored}
+            if not new:
+                continue
+            added[method] = list(new)
+            rows += select(method, new)
+            best = max((r for r in rows if r["stage"] == "selection" and r["method"] == method), key=score)
+            print(f"  selected for {method}: {best['variant']}", flush=True)
+            if best["variant"] != chosen.get(method):
+                chosen[method] = best["variant"]
+                retest.append(method)
+        # a retested method's earlier test rows go, except the HEST probe (a fixed reference row, not a pick)
+        rows = [r for r in rows if not (r["method"] in retest and r["stage"] in ("test", "leaky")
+                                        and not r["variant"].startswith("HEST probe"))]  # fmt: skip
+        for method in retest:
+            print(f"test folds of {method}: {chosen[method]}", flush=True)
+            rows += test_folds(method, chosen[method], leaky=True)
+        kept["reruns"] = [*previous.get("reruns", []), {"methods": retest, "added_variants": added,
+                                                        "previous_total_min": previous["total_min"]}]  # fmt: skip
+        methods = retest
+    else:
+        # 1. selection inside patient C: train C2–C5, score C6 (B4 untouched)
+        chosen = {}
+        print("selection: train C2–C5, score C6", flush=True)
+        for method in methods:
+            variants = VARIANTS.get(method, {"default": {}})
+            if args.quick:
+                variants = dict(list(variants.items())[:1])
+            sel = select(method, variants)
+            rows += sel
+            chosen[method] = max(sel, key=score)["variant"]
+            print(f"  selected for {method}: {chosen[method]}", flush=True)
+
+        # 2. test folds, then 3. leaky leave-one-section-out within patient C
+        print("patient splits (and leaky folds within patient C)", flush=True)
+        rows += run(sections, "ridge", "HEST probe (fixed alpha, log1p head, no smoothing)",
+                    {"target": "log1p", "alpha": "hest", "smoothing": 0}, C, ["B4"])  # fmt: skip
+        for method in methods:
+            rows += test_folds(method, chosen[method], leaky=not args.quick)
+        rows.append(depth_oracle(sections, C, "B4"))
+    if args.methods or args.add_variants:  # the other methods' rows from the earlier run, in registry order
         order = {m: i for i, m in enumerate(stfm.model.list_methods().index)}
         rows = sorted(kept["rows"] + rows, key=lambda r: (["selection", "test", "leaky"].index(r["stage"]) if r["stage"] in
                       ("selection", "test", "leaky") else 1, order.get(r["method"], -1)))  # fmt: skip
@@ -289,7 +353,8 @@ def main() -> None:
     results = {
         "command": "python benchmarks/bench_expression.py"
         + (" --quick" if args.quick else "")
-        + (" --methods " + " ".join(args.methods) if args.methods else ""),
+        + (" --methods " + " ".join(args.methods) if args.methods else "")
+        + (" --add-variants" if args.add_variants else ""),
         "reruns": kept["reruns"],
         "stfm_version": stfm.__version__,
         "torch": torch.__version__,
@@ -297,6 +362,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, CPU, {torch.get_num_threads()} threads",
         "total_min": (time.perf_counter() - t_all) / 60,
         "selected": chosen,
+        "feature_shift": shift,
         "rows": rows,
     }
     out = Path(args.results)
@@ -322,14 +388,30 @@ def _runs_table(results: dict, methods: list[str]) -> list[str]:
     reruns = results.get("reruns", [])
     base = "python benchmarks/bench_expression.py"
     runs = [(base, reruns[0]["previous_total_min"] if reruns else results["total_min"], None)]
+    notes = [""]
     for k, r in enumerate(reruns):
         minutes = reruns[k + 1]["previous_total_min"] if k + 1 < len(reruns) else results["total_min"]
-        runs.append((f"{base} --methods {' '.join(r['methods'])}", minutes, set(r["methods"])))
-    last = {m: max(i for i, (_, _, ms) in enumerate(runs) if ms is None or m in ms) for m in methods if m != "oracle"}
+        if "added_variants" in r:  # an --add-variants run: new selection rows, test rows of the methods it retested
+            runs.append((f"{base} --add-variants", minutes, set(r["methods"])))
+            n = sum(len(v) for v in r["added_variants"].values())
+            notes.append(f"selection rows of {n} new variant{'s' * (n != 1)} ({', '.join(r['added_variants'])}); test rows of ")
+        else:
+            runs.append((f"{base} --methods {' '.join(r['methods'])}", minutes, set(r["methods"])))
+            notes.append("")
+    # the last full or --methods run of a method made its rows; a later --add-variants retest replaces its test rows
+    last = {m: max(i for i, (_, _, ms) in enumerate(runs) if not notes[i] and (ms is None or m in ms))
+            for m in methods if m != "oracle"}  # fmt: skip
+    retested = {m: i for i, (_, _, ms) in enumerate(runs) if notes[i] for m in ms}
     out = ["| run | minutes | rows kept from it |", "|---|---|---|"]
     for i, (cmd, minutes, _) in enumerate(runs):
-        kept = [m for m in last if last[m] == i]
-        out.append(f"| `{cmd}` | {minutes:.1f} | {', '.join(kept) if kept else 'none (all rerun later)'} |")
+        if notes[i]:
+            kept = [m for m, j in retested.items() if j == i]
+        else:
+            kept = [m + (" (selection rows)" if retested.get(m, -1) > i else "") for m in last if last[m] == i]
+        text = ", ".join(kept) if kept else ("none" if notes[i] else "none (all rerun later)")
+        out.append(f"| `{cmd}` | {minutes:.1f} | {notes[i]}{text} |")
+    if any("added_variants" in r for r in reruns):
+        out += ["", "The HEST probe row is rerun by every full and `--methods` run; an `--add-variants` run keeps it."]
     return out
 
 
@@ -394,7 +476,8 @@ def render(results: dict, page: Path) -> None:
         f"stfm {results['stfm_version']}, torch {results['torch']}, Python {results['python']}, {results['machine']}. "
         "Raw results: `benchmarks/results/expression.json`; `python benchmarks/bench_expression.py --render` rewrites "
         "this page from them. Each method's rows come from the last run that included it; a `--methods` run reruns the "
-        "whole protocol for its methods (selection on C6, then the test folds).",
+        "whole protocol for its methods (selection on C6, then the test folds); an `--add-variants` run scores only new "
+        "variants on C6 and reruns the test folds of a method whose pick changed.",
         "",
         *_runs_table(results, list(dict.fromkeys(df["method"]))),
         "",
@@ -447,6 +530,23 @@ def render(results: dict, page: Path) -> None:
         "",
         _md(fmt(sel)),
         "",
+    ]
+    if results.get("feature_shift"):
+        shift = pd.DataFrame(results["feature_shift"]).assign(
+            mean_shift=lambda d: d["mean_shift"].map(_f), spread=lambda d: d["spread"].map(_f)
+        )
+        lines += [
+            "### How far each section's image features sit from patient C's (label-free)",
+            "",
+            "Per-dimension z-scores against C2–C6 pooled: `mean shift` is the root-mean-square of the section's mean z,",
+            "`spread` the mean per-dimension standard deviation (1 for C pooled). Image features only; it is why the",
+            "section-standardised variants (`embedding_standardize='section'`) were added. They are chosen or not on C6",
+            "like every other variant.",
+            "",
+            _md(shift.rename(columns={"mean_shift": "mean shift"})),
+            "",
+        ]
+    lines += [
         "## Every test row",
         "",
         _md(per),

@@ -99,6 +99,21 @@ def test_contract(method, cohort, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_section_standardised_embedding_ignores_a_sections_stain(method, cohort):
+    """``embedding_standardize='section'``: a query seen through another per-dimension gain and offset (another
+    stain or scanner) is predicted exactly as the original, through every method's own inputs (graphs, banks)."""
+    model = stfm.tl.fit_expression(_train(cohort), method=method, embedding_key=EMB, n_top_genes=12, seed=0,
+                                   embedding_standardize="section", **_brief(method))  # fmt: skip
+    q = _he_only(cohort[cohort.obs["section"] == "S3"].copy())
+    rng = np.random.default_rng(5)
+    restained = _he_only(cohort[cohort.obs["section"] == "S3"].copy())
+    d = q.obsm[EMB].shape[1]
+    restained.obsm[EMB] = (q.obsm[EMB] * rng.uniform(0.5, 2.0, d) + rng.normal(0, 2.0, d)).astype(np.float32)
+    p = model.predict(q, library_size="predicted")
+    np.testing.assert_allclose(model.predict(restained, library_size="predicted"), p, rtol=2e-3, atol=1e-3 * float(p.mean()))
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_one_cross_validation_fold(method, cohort):
     df = stfm.tl.cross_validate(
         cohort, method=method, embedding_key=EMB, n_top_genes=15, test_sections=["S1"], **_brief(method)

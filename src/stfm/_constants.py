@@ -43,6 +43,11 @@ class Key:
         return f"{embedding_key}_nbr{'-'.join(str(k) for k in n_neighbors)}"
 
     @staticmethod
+    def section_standardized(embedding_key: str) -> str:
+        """obsm key holding ``embedding_key`` centred and scaled within each section (``embedding_standardize``)."""
+        return f"{embedding_key}_section_z"
+
+    @staticmethod
     def std(key_added: str) -> str:
         """Layer with the predictive standard deviation next to ``layers[key_added]``."""
         return f"{key_added}_std"

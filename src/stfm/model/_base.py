@@ -92,6 +92,7 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         section_key: str | None = None,
         patient_key: str | None = None,
         spatial_key: str = "spatial",
+        embedding_standardize: Literal["none", "section"] = "none",
         **kwargs: Any,
     ) -> None:
         """Register an AnnData: raw counts of the gene panel, the H&E embedding, section and patient labels.
@@ -110,6 +111,11 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
             obs column naming each spot's patient.
         spatial_key
             obsm key of the spot centres (used by methods and options that need space).
+        embedding_standardize
+            ``'section'``: centre and scale every embedding dimension within each section with that section's own
+            statistics before the model sees it (label-free; a query is standardised the same way, per query
+            section, so it must be predicted whole). Removes section- and patient-level shifts of the image
+            features (staining, scanner). Stored in ``obsm[f'{embedding_key}_section_z']``. ``'none'``: as given.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._register(adata, setup_method_args, **kwargs)
@@ -139,7 +145,7 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
                     f"`adata = adata[~adata.obs[{args['section_key']!r}].isin({empty})]`) or check the gene panel."
                 )
                 raise ValueError(msg)
-        input_key = cls._prepare_anndata(adata, args)
+        input_key = cls._model_input(adata, args, where="the training data")
         fields: list[BaseAnnDataField] = [
             LayerField(EXPR_KEYS.X_KEY, args.get("layer"), is_count_data=True),
             ObsmField(EXPR_KEYS.EMBEDDING_KEY, input_key),
@@ -156,6 +162,23 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         finally:
             scvi_log.setLevel(level)
         cls.register_manager(manager)
+
+    @classmethod
+    def _model_input(cls, adata: AnnData, args: dict[str, Any], *, where: str) -> str:
+        """obsm key of the model input: the embedding, standardised per section when ``embedding_standardize`` asks
+        for it, then passed through :meth:`_prepare_anndata`. The one path of training data and queries."""
+        mode = args.get("embedding_standardize") or "none"
+        assert_one_of(mode, ("none", "section"), name="embedding_standardize")
+        if mode == "section":
+            from .._constants import Key
+            from ._checks import standardize_by_section
+
+            sec = args.get("section_key")
+            groups = adata.obs[sec].astype(str).to_numpy() if sec is not None and sec in adata.obs else None
+            key = Key.section_standardized(args["embedding_key"])
+            adata.obsm[key] = standardize_by_section(np.asarray(adata.obsm[args["embedding_key"]]), groups, where=where)
+            args = {**args, "embedding_key": key}
+        return cls._prepare_anndata(adata, args)
 
     @classmethod
     def _prepare_anndata(cls, adata: AnnData, args: dict[str, Any]) -> str:
@@ -273,7 +296,7 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
         q.obsm[setup["embedding_key"]] = emb
         if coords is not None:
             q.obsm[spatial_key] = coords
-        input_key = type(self)._prepare_anndata(q, setup)
+        input_key = type(self)._model_input(q, setup, where="the query")
         out = {"embedding": np.asarray(q.obsm[input_key], dtype=np.float32), "counts_sparse": counts,
                "groups": groups, "coords": coords}  # fmt: skip
         out.update(self._extra_arrays(q, np.arange(adata.n_obs)))

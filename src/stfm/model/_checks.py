@@ -11,7 +11,10 @@ from scipy import sparse
 
 from .._validation import assert_key_in
 
-__all__ = ["check_counts", "check_embedding", "pool_neighbors", "recorded_encoder"]
+__all__ = ["check_counts", "check_embedding", "pool_neighbors", "recorded_encoder", "standardize_by_section"]
+
+#: sections with fewer spots than this get a warning from :func:`standardize_by_section` (noisy statistics)
+MIN_SECTION_SPOTS = 30
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,3 +131,44 @@ def pool_neighbors(
     nbr = knn_indices(xy, max(n_neighbors), groups=groups)
     out = [emb] + [emb[nbr[:, :k]].mean(axis=1) for k in n_neighbors]
     return np.concatenate(out, axis=1).astype(np.float32)
+
+
+def standardize_by_section(embedding: np.ndarray, groups: np.ndarray | None, *, where: str = "the data") -> np.ndarray:
+    """Centre and scale every embedding dimension within each section, with that section's own statistics.
+
+    Label-free and computed from the section's image features alone, so it is the same at training and at
+    inference: it removes section-level shifts of the features (staining, scanner, patient) before a model sees
+    them. A dimension nearly constant in a section is scaled by a floor (1 % of the section's median spread) so it
+    is not blown up. ``groups``: each row's section (``None``: one section). Returns float32.
+    """
+    import warnings
+
+    x = np.asarray(embedding, dtype=np.float64)
+    g = np.zeros(x.shape[0], dtype=object) if groups is None else np.asarray(groups).astype(str)
+    out = np.empty_like(x)
+    small = []
+    for s in pd.unique(g):
+        m = g == s
+        n = int(m.sum())
+        if n < 2:
+            msg = (
+                f"Section {s!r} of {where} has {n} spot: per-section standardisation of the embedding "
+                "(`embedding_standardize='section'`) needs every section whole. Predict whole sections, or pass the "
+                "section column so that spots of one section are grouped."
+            )
+            raise ValueError(msg)
+        if n < MIN_SECTION_SPOTS:
+            small.append(f"{s!r} ({n})")
+        v = x[m]
+        mu, sd = v.mean(0), v.std(0)
+        positive = sd[sd > 0]
+        floor = 0.01 * float(np.median(positive)) if positive.size else 1.0
+        out[m] = (v - mu) / np.maximum(sd, floor)
+    if small:
+        warnings.warn(
+            f"Per-section standardisation of the embedding uses each section's own statistics; section(s) "
+            f"{', '.join(small)} of {where} have fewer than {MIN_SECTION_SPOTS} spots, so their statistics are noisy.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out.astype(np.float32)

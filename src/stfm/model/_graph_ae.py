@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -120,6 +120,7 @@ class GraphAEPredictor(SectionGraphMixin, ExpressionModelBase):
         patient_key: str | None = None,
         spatial_key: str = "spatial",
         nuclei_keys: Sequence[str] | None = None,
+        embedding_standardize: Literal["none", "section"] = "none",
         **kwargs: Any,
     ) -> None:
         """Register an AnnData (see :meth:`ExpressionModelBase.setup_anndata <stfm.model.ExpressionModelBase.setup_anndata>`).
@@ -129,6 +130,9 @@ class GraphAEPredictor(SectionGraphMixin, ExpressionModelBase):
         nuclei_keys
             obs columns appended (``log1p``) to the embedding as image inputs, e.g. ``['n_nuclei',
             'nucleus_area_um2']`` from :func:`stfm.pp.count_nuclei`; queries must carry them too.
+        embedding_standardize
+            ``'section'``: the embedding centred and scaled within each section first (nuclei columns are appended
+            after it, unscaled).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if nuclei_keys is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
@@ -109,6 +109,7 @@ class ExpressionPredictor(ExpressionModelBase):
         patient_key: str | None = None,
         spatial_key: str = "spatial",
         neighbor_pooling: int | Sequence[int] | None = None,
+        embedding_standardize: Literal["none", "section"] = "none",
         **kwargs: Any,
     ) -> None:
         """Register an AnnData for :class:`ExpressionPredictor`.
@@ -130,6 +131,9 @@ class ExpressionPredictor(ExpressionModelBase):
         neighbor_pooling
             ``k`` (or several) nearest spots, within a section, whose mean embedding is concatenated to the spot's
             own; stored in ``obsm[f'{embedding_key}_nbr{k}']`` and recomputed for queries.
+        embedding_standardize
+            ``'section'``: the embedding centred and scaled within each section first (see
+            :meth:`ExpressionModelBase.setup_anndata <stfm.model.ExpressionModelBase.setup_anndata>`).
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if neighbor_pooling is not None:
