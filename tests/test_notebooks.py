@@ -22,9 +22,12 @@ def test_there_are_notebooks():
 
 
 @pytest.fixture(scope="module")
-def notebook_cache(tmp_path_factory) -> str:
-    """One throw-away feature cache for all notebooks: a section embedded by one notebook is read by the next."""
-    return str(tmp_path_factory.mktemp("notebook_cache"))
+def notebook_cache() -> str:
+    """The session's throw-away cache (conftest): a section embedded by the in-process tests or one notebook is
+    read by the next (entries are keyed by image content and weights, and checked on every read)."""
+    import stfm
+
+    return str(stfm.settings.cache_dir)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -147,7 +147,8 @@ def test_demo_end_to_end(tmp_path):
     import pandas as pd
     import spatialdata as sd
 
-    env = {**os.environ, "STFM_DATA_DIR": str(DATA_DIR), "STFM_CACHE_DIR": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    # the session's cache (conftest): features the in-process tests computed are read, not recomputed
+    env = {**os.environ, "STFM_DATA_DIR": str(DATA_DIR), "STFM_CACHE_DIR": str(stfm.settings.cache_dir), "MPLBACKEND": "Agg"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "stfm", "demo", "--fast", "--out", str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=1500)  # fmt: skip

@@ -29,7 +29,7 @@ from .._rows import CountRows
 from .._settings import settings
 from .._validation import assert_one_of, check_obs_key, check_positive
 from . import _persist
-from ._checks import check_counts, check_embedding, recorded_encoder
+from ._checks import check_counts, check_embedding, check_sections_have_counts, recorded_encoder, standardized_input
 from ._training import ExpressionTrainingPlan, ValidationMonitor, deterministic, module_device, validation_scores
 
 __all__ = ["ExpressionModelBase"]
@@ -135,16 +135,7 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
             if key is not None:
                 check_obs_key(adata, key, hint="Pass `section_key=` / `patient_key=` naming existing columns, or None.")
         if args.get("section_key") is not None and not is_query:
-            x = adata.X if args.get("layer") is None else adata.layers[args["layer"]]
-            lib = np.asarray(x.sum(axis=1)).ravel()
-            labels = adata.obs[args["section_key"]].astype(str).to_numpy()
-            empty = [s for s in pd.unique(labels) if lib[labels == s].sum() == 0]
-            if empty:
-                msg = (
-                    f"Section(s) {empty} have no counts in the registered genes. Drop them (e.g. "
-                    f"`adata = adata[~adata.obs[{args['section_key']!r}].isin({empty})]`) or check the gene panel."
-                )
-                raise ValueError(msg)
+            check_sections_have_counts(adata, args["section_key"], args.get("layer"))
         input_key = cls._model_input(adata, args, where="the training data")
         fields: list[BaseAnnDataField] = [
             LayerField(EXPR_KEYS.X_KEY, args.get("layer"), is_count_data=True),
@@ -167,18 +158,7 @@ class ExpressionModelBase(_persist.SafeSaveLoadMixin, UnsupervisedTrainingMixin,
     def _model_input(cls, adata: AnnData, args: dict[str, Any], *, where: str) -> str:
         """obsm key of the model input: the embedding, standardised per section when ``embedding_standardize`` asks
         for it, then passed through :meth:`_prepare_anndata`. The one path of training data and queries."""
-        mode = args.get("embedding_standardize") or "none"
-        assert_one_of(mode, ("none", "section"), name="embedding_standardize")
-        if mode == "section":
-            from .._constants import Key
-            from ._checks import standardize_by_section
-
-            sec = args.get("section_key")
-            groups = adata.obs[sec].astype(str).to_numpy() if sec is not None and sec in adata.obs else None
-            key = Key.section_standardized(args["embedding_key"])
-            adata.obsm[key] = standardize_by_section(np.asarray(adata.obsm[args["embedding_key"]]), groups, where=where)
-            args = {**args, "embedding_key": key}
-        return cls._prepare_anndata(adata, args)
+        return cls._prepare_anndata(adata, standardized_input(adata, args, where=where))
 
     @classmethod
     def _prepare_anndata(cls, adata: AnnData, args: dict[str, Any]) -> str:

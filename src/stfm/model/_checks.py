@@ -11,7 +11,10 @@ from scipy import sparse
 
 from .._validation import assert_key_in
 
-__all__ = ["check_counts", "check_embedding", "pool_neighbors", "recorded_encoder", "standardize_by_section"]
+__all__ = [
+    "check_counts", "check_embedding", "check_sections_have_counts", "pool_neighbors", "recorded_encoder",
+    "standardize_by_section", "standardized_input",
+]  # fmt: skip
 
 #: sections with fewer spots than this get a warning from :func:`standardize_by_section` (noisy statistics)
 MIN_SECTION_SPOTS = 30
@@ -144,7 +147,7 @@ def standardize_by_section(embedding: np.ndarray, groups: np.ndarray | None, *, 
     import warnings
 
     x = np.asarray(embedding, dtype=np.float64)
-    g = np.zeros(x.shape[0], dtype=object) if groups is None else np.asarray(groups).astype(str)
+    g = np.full(x.shape[0], "all spots", dtype=object) if groups is None else np.asarray(groups).astype(str)
     out = np.empty_like(x)
     small = []
     for s in pd.unique(g):
@@ -172,3 +175,34 @@ def standardize_by_section(embedding: np.ndarray, groups: np.ndarray | None, *, 
             stacklevel=3,
         )
     return out.astype(np.float32)
+
+
+def standardized_input(adata: AnnData, args: dict, *, where: str) -> dict:
+    """Setup ``args`` naming the model's embedding: for ``embedding_standardize='section'`` the embedding
+    standardised within each section (:func:`standardize_by_section`, written to ``obsm``), else as given."""
+    from .._constants import Key
+    from .._validation import assert_one_of
+
+    mode = args.get("embedding_standardize") or "none"
+    assert_one_of(mode, ("none", "section"), name="embedding_standardize")
+    if mode == "none":
+        return args
+    sec = args.get("section_key")
+    groups = adata.obs[sec].astype(str).to_numpy() if sec is not None and sec in adata.obs else None
+    key = Key.section_standardized(args["embedding_key"])
+    adata.obsm[key] = standardize_by_section(np.asarray(adata.obsm[args["embedding_key"]]), groups, where=where)
+    return {**args, "embedding_key": key}
+
+
+def check_sections_have_counts(adata: AnnData, section_key: str, layer: str | None) -> None:
+    """Refuse sections with no counts in the registered genes (naming them and how to drop them)."""
+    x = adata.X if layer is None else adata.layers[layer]
+    lib = np.asarray(x.sum(axis=1)).ravel()
+    labels = adata.obs[section_key].astype(str).to_numpy()
+    empty = [s for s in pd.unique(labels) if lib[labels == s].sum() == 0]
+    if empty:
+        msg = (
+            f"Section(s) {empty} have no counts in the registered genes. Drop them (e.g. "
+            f"`adata = adata[~adata.obs[{section_key!r}].isin({empty})]`) or check the gene panel."
+        )
+        raise ValueError(msg)
