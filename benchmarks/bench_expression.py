@@ -415,6 +415,28 @@ def _runs_table(results: dict, methods: list[str]) -> list[str]:
     return out
 
 
+def _rank_agreement(df: pd.DataFrame, selected: dict[str, str]) -> tuple[pd.DataFrame, float] | None:
+    """Each chosen variant's selection score on C6, within patient C (leaky) and on B4, with ranks (label use: the
+    rows already in the results; nothing is rerun)."""
+    rows = []
+    for method, variant in selected.items():
+        mine = df[(df["method"] == method) & (df["variant"] == variant)]
+        mean = lambda d: float((0.5 * (d["raw"] + d["composition"])).mean()) if len(d) else float("nan")  # noqa: E731
+        c6 = mine[mine["stage"] == "selection"]
+        b4 = mine[(mine["stage"] == "test") & (mine["test"] == "B4")]
+        if len(c6) and len(b4):
+            rows.append({"method": method, "C6": mean(c6), "within C (leaky)": mean(mine[mine["stage"] == "leaky"]),
+                         "B4": mean(b4)})  # fmt: skip
+    if len(rows) < 3:
+        return None
+    t = pd.DataFrame(rows)
+    for col in ("C6", "within C (leaky)", "B4"):
+        t[f"{col} rank"] = t[col].rank(ascending=False, method="min").astype("Int64")
+    rho = float(t["C6"].rank().corr(t["B4"].rank()))
+    t = t[["method", "C6", "C6 rank", "within C (leaky)", "within C (leaky) rank", "B4", "B4 rank"]]
+    return t.assign(**{c: t[c].map(_f) for c in ("C6", "within C (leaky)", "B4")}), rho
+
+
 def render(results: dict, page: Path) -> None:
     df = pd.DataFrame(results["rows"])
     test = df[df["stage"] == "test"]
@@ -531,6 +553,20 @@ def render(results: dict, page: Path) -> None:
         _md(fmt(sel)),
         "",
     ]
+    agree = _rank_agreement(df, results["selected"])
+    if agree is not None:
+        table, rho = agree
+        lines += [
+            "### Does the validation section rank the methods as the test patient does?",
+            "",
+            "Each method's chosen variant, scored by the selection rule (mean of raw and composition) on C6 (validation,",
+            "inside patient C: the reference bank of retrieval, hetero_graph and multimodal is then patient C's other",
+            "sections), within patient C (leaky folds) and on B4 (the other patient, mean over seeds). Rank 1 is best.",
+            f"Spearman correlation of the C6 and B4 ranks: {rho:.2f}.",
+            "",
+            _md(table),
+            "",
+        ]
     if results.get("feature_shift"):
         shift = pd.DataFrame(results["feature_shift"]).assign(
             mean_shift=lambda d: d["mean_shift"].map(_f), spread=lambda d: d["spread"].map(_f)
