@@ -119,6 +119,11 @@ PUBLISHED = [
 ]
 
 
+def selection_score(r):
+    """The selection rule: the mean of the raw and the composition metric (a result row, or a table of them)."""
+    return 0.5 * (r["raw"] + r["composition"])
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -269,9 +274,6 @@ def main() -> None:
     def epochs(method):
         return quick if "early_stopping" in stfm.model.get_method(method).supports else {}
 
-    def score(r: dict) -> float:
-        return 0.5 * (r["raw"] + r["composition"])
-
     def select(method: str, variants: dict) -> list[dict]:
         """Selection inside patient C: train C2–C5, score C6 (B4 untouched)."""
         sel = []
@@ -311,7 +313,7 @@ def main() -> None:
                 continue
             added[method] = list(new)
             rows += select(method, new)
-            best = max((r for r in rows if r["stage"] == "selection" and r["method"] == method), key=score)
+            best = max((r for r in rows if r["stage"] == "selection" and r["method"] == method), key=selection_score)
             print(f"  selected for {method}: {best['variant']}", flush=True)
             if best["variant"] != chosen.get(method):
                 chosen[method] = best["variant"]
@@ -335,7 +337,7 @@ def main() -> None:
                 variants = dict(list(variants.items())[:1])
             sel = select(method, variants)
             rows += sel
-            chosen[method] = max(sel, key=score)["variant"]
+            chosen[method] = max(sel, key=selection_score)["variant"]
             print(f"  selected for {method}: {chosen[method]}", flush=True)
 
         # 2. test folds, then 3. leaky leave-one-section-out within patient C
@@ -416,12 +418,15 @@ def _runs_table(results: dict, methods: list[str]) -> list[str]:
 
 
 def _rank_agreement(df: pd.DataFrame, selected: dict[str, str]) -> tuple[pd.DataFrame, float] | None:
-    """Each chosen variant's selection score on C6, within patient C (leaky) and on B4, with ranks (label use: the
-    rows already in the results; nothing is rerun)."""
+    """Each chosen variant's selection score on C6, within patient C (leaky folds) and on B4, with their ranks and the
+    Spearman correlation of the C6 and B4 ranks; from the stored rows (nothing is rerun)."""
+
+    def mean(d: pd.DataFrame) -> float:
+        return float(selection_score(d).mean()) if len(d) else float("nan")
+
     rows = []
     for method, variant in selected.items():
         mine = df[(df["method"] == method) & (df["variant"] == variant)]
-        mean = lambda d: float((0.5 * (d["raw"] + d["composition"])).mean()) if len(d) else float("nan")  # noqa: E731
         c6 = mine[mine["stage"] == "selection"]
         b4 = mine[(mine["stage"] == "test") & (mine["test"] == "B4")]
         if len(c6) and len(b4):
@@ -469,7 +474,7 @@ def render(results: dict, page: Path) -> None:
         if len(leaky)
         else None
     )
-    sel = df[df["stage"] == "selection"].assign(mean=lambda d: 0.5 * (d["raw"] + d["composition"]))
+    sel = df[df["stage"] == "selection"].assign(mean=selection_score)
     sel = sel[["method", "variant", "validation", "raw", "composition", "mean", "smoothing"]].astype({"smoothing": int})
     fmt = lambda d: d.assign(**{c: d[c].map(_f) for c in ("raw", "composition", "mean") if c in d})  # noqa: E731
     per = test.astype({"smoothing": int}).assign(
